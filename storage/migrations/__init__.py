@@ -1,0 +1,1 @@
+"""Alembic migrations of the log database, shipped with the package and run by ``Database.migrate``."""

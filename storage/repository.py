@@ -1,0 +1,919 @@
+"""The node's state machine over the log database.
+
+Instance states: ``received -> analysing -> analysed | skipped | failed``.
+Report states: ``pending -> sending -> sent | retrying -> (sending ...) | dead``;
+``retry_report`` puts a dead or retrying report back to ``pending`` by hand.
+
+Every public method is one transaction, and every state change writes one
+``events`` row in that same transaction, so the history can never disagree with
+the current state. Claims are exclusive across threads and processes: on SQLite
+every write transaction is ``BEGIN IMMEDIATE`` and each row moves with a
+conditional ``UPDATE ... WHERE status = ...`` whose row count is checked; on
+PostgreSQL the candidates are selected ``FOR UPDATE SKIP LOCKED`` first.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, fields
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+from typing import Any, Literal, Protocol
+
+from sqlalchemy import and_, exists, func, or_, select, update
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
+
+from storage.database import Database
+from storage.errors import InvalidTransitionError, NotFoundError, SpoolError
+from storage.models import (
+    INSTANCE_STATUSES,
+    REPORT_STATUSES,
+    Event,
+    Instance,
+    Report,
+    ReportInstance,
+    Verdict,
+    utcnow,
+)
+from storage.spool import Spool
+
+__all__ = [
+    "ErrorRecord",
+    "InstanceRecord",
+    "InvalidTransitionError",
+    "NotFoundError",
+    "ReceiveResult",
+    "ReconcileResult",
+    "ReportGroup",
+    "ReportRecord",
+    "Repository",
+    "StatusSummary",
+    "VerdictInput",
+    "VerdictRecord",
+]
+
+logger = logging.getLogger(__name__)
+
+_CHUNK = 500  # ids per IN (...) list, well under SQLite's variable limit
+_MAX_TEXT = 4000  # error texts are truncated to this many characters
+
+
+# -- records -------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class InstanceRecord:
+    id: int
+    sop_instance_uid: str
+    sop_class_uid: str
+    study_instance_uid: str
+    series_instance_uid: str
+    patient_id: str | None
+    modality: str | None
+    transfer_syntax_uid: str
+    calling_ae: str
+    peer_address: str
+    received_at: datetime
+    status: str
+    status_reason: str | None
+    claimed_by: str | None
+    claimed_at: datetime | None
+    spool_path: str | None  # relative to the spool root; None once deleted
+    sha256: str
+    size_bytes: int
+    attempts: int
+    spool_deleted_at: datetime | None
+    reported_at: datetime | None
+
+
+class VerdictLike(Protocol):
+    """Anything with the fields of ``detector.Verdict`` (duck-typed: storage does not import torch)."""
+
+    score: float
+    label: str
+    threshold: float
+    classifier_score: float
+    retrieval_score: float | None
+    frames_scored: int
+    bundle_name: str
+    bundle_version: str
+    model_version: str
+    elapsed_ms: float
+
+
+@dataclass(frozen=True)
+class VerdictInput:
+    score: float
+    label: str
+    threshold: float
+    classifier_score: float
+    retrieval_score: float | None
+    frames_scored: int
+    bundle_name: str
+    bundle_version: str
+    model_version: str
+    elapsed_ms: float
+
+    @classmethod
+    def from_verdict(cls, v: VerdictLike) -> "VerdictInput":
+        return cls(**{f.name: getattr(v, f.name) for f in fields(cls)})
+
+
+@dataclass(frozen=True)
+class VerdictRecord(VerdictInput):
+    id: int = 0
+    instance_id: int = 0
+    created_at: datetime | None = None
+
+
+@dataclass(frozen=True)
+class ReceiveResult:
+    instance_id: int
+    duplicate: bool
+
+
+@dataclass(frozen=True)
+class ReportGroup:
+    """Analysed instances ready for one SR: a series (``series_instance_uid`` set) or a whole study (None)."""
+
+    study_instance_uid: str
+    series_instance_uid: str | None
+    instance_ids: tuple[int, ...]
+    newest_received_at: datetime
+    previous_report_id: int | None  # newest earlier report of the same group, if any
+
+    @property
+    def scope(self) -> Literal["series", "study"]:
+        return "study" if self.series_instance_uid is None else "series"
+
+
+@dataclass(frozen=True)
+class ReportRecord:
+    id: int
+    sop_instance_uid: str
+    series_instance_uid: str
+    study_instance_uid: str
+    source_series_instance_uid: str | None
+    destination: str
+    status: str
+    attempts: int
+    next_attempt_at: datetime | None
+    last_error: str | None
+    created_at: datetime
+    sent_at: datetime | None
+    claimed_at: datetime | None
+    path: str
+    instance_count: int
+    suspected_count: int
+    max_score: float | None
+    instance_ids: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class ErrorRecord:
+    entity: str  # "instance" | "report"
+    entity_id: int
+    at: datetime
+    status: str
+    message: str
+
+
+@dataclass(frozen=True)
+class StatusSummary:
+    instances: dict[str, int]  # every status present, zeros included
+    reports: dict[str, int]
+    oldest_pending_received_at: datetime | None  # oldest received/analysing instance
+    recent_errors: list[ErrorRecord]  # newest first, at most 10
+
+
+@dataclass(frozen=True)
+class ReconcileResult:
+    checked_files: int
+    quarantined: list[tuple[str, Path]]  # (relative spool path, where it went)
+    missing: list[int]  # instance ids marked failed because their file is gone
+    temp_files_removed: int
+
+
+# -- helpers -------------------------------------------------------------------
+
+
+def aware_utc(value: datetime, name: str) -> datetime:
+    if not isinstance(value, datetime):
+        raise TypeError(f"{name} must be a datetime, got {type(value).__name__}")
+    if value.tzinfo is None or value.utcoffset() is None:
+        raise ValueError(f"{name}={value.isoformat()} is naive: pass a timezone-aware (UTC) datetime")
+    return value.astimezone(timezone.utc)
+
+
+def _chunks(ids: Sequence[int]) -> Iterable[Sequence[int]]:
+    for i in range(0, len(ids), _CHUNK):
+        yield ids[i : i + _CHUNK]
+
+
+def instance_record(row: Instance) -> InstanceRecord:
+    return InstanceRecord(**{f.name: getattr(row, f.name) for f in fields(InstanceRecord)})
+
+
+def verdict_record(row: Verdict) -> VerdictRecord:
+    return VerdictRecord(**{f.name: getattr(row, f.name) for f in fields(VerdictRecord)})
+
+
+def _truncate(text: str) -> str:
+    return text if len(text) <= _MAX_TEXT else text[: _MAX_TEXT - 1] + "…"
+
+
+class Repository:
+    """All reads and writes of the node's state. Thread-safe: each call opens its own session."""
+
+    def __init__(self, db: Database, *, clock: Callable[[], datetime] = utcnow) -> None:
+        self.db = db
+        self._clock = clock
+
+    def _now(self) -> datetime:
+        return aware_utc(self._clock(), "clock()")
+
+    def _event(
+        self,
+        s: Session,
+        entity: str,
+        entity_id: int | None,
+        from_status: str | None,
+        to_status: str | None,
+        now: datetime,
+        **detail: Any,
+    ) -> None:
+        s.add(
+            Event(
+                at=now,
+                entity=entity,
+                entity_id=entity_id,
+                from_status=from_status,
+                to_status=to_status,
+                detail=json.dumps(detail, sort_keys=True, default=str) if detail else None,
+            )
+        )
+
+    # -- instances -------------------------------------------------------------
+
+    def record_received(
+        self,
+        *,
+        sop_instance_uid: str,
+        sop_class_uid: str,
+        study_instance_uid: str,
+        series_instance_uid: str,
+        patient_id: str | None,
+        modality: str | None,
+        transfer_syntax_uid: str,
+        calling_ae: str,
+        peer_address: str,
+        spool_path: str | Path,
+        sha256: str,
+        size_bytes: int,
+        status: str = "received",
+        reason: str | None = None,
+        received_at: datetime | None = None,
+        skip_reason: str | None = None,
+    ) -> ReceiveResult:
+        """Record an object whose bytes are already in the spool; commit before answering the sender.
+
+        The same SOP Instance UID with the same sha256 is a duplicate: no row, an
+        event on the existing row, ``duplicate=True`` (the caller deletes its new
+        spool file). Other bytes under the same UID are a new row.
+        ``skip_reason`` is shorthand for ``status="skipped", reason=skip_reason``
+        (objects the node keeps but does not analyse, e.g. non-image classes).
+        """
+        if skip_reason is not None:
+            if status not in ("received", "skipped"):
+                raise ValueError(f"skip_reason given with status={status!r}")
+            status, reason = "skipped", skip_reason
+        if status not in ("received", "skipped", "failed"):
+            raise ValueError(f"status={status!r}: a new instance is 'received', 'skipped' or 'failed'")
+        if not sop_instance_uid:
+            raise ValueError("sop_instance_uid is empty")
+        now = self._now()
+        at = now if received_at is None else aware_utc(received_at, "received_at")
+        path = Path(spool_path).as_posix()
+
+        def existing(s: Session) -> Instance | None:
+            return s.scalars(
+                select(Instance).where(Instance.sop_instance_uid == sop_instance_uid, Instance.sha256 == sha256)
+            ).first()
+
+        def duplicate(s: Session, row: Instance) -> ReceiveResult:
+            self._event(
+                s, "instance", row.id, row.status, row.status, now,
+                event="duplicate received", calling_ae=calling_ae, peer_address=peer_address, spool_path=path,
+            )
+            return ReceiveResult(row.id, True)
+
+        try:
+            with self.db.session() as s:
+                row = existing(s)
+                if row is not None:
+                    return duplicate(s, row)
+                row = Instance(
+                    sop_instance_uid=sop_instance_uid,
+                    sop_class_uid=sop_class_uid,
+                    study_instance_uid=study_instance_uid,
+                    series_instance_uid=series_instance_uid,
+                    patient_id=patient_id,
+                    modality=modality,
+                    transfer_syntax_uid=transfer_syntax_uid,
+                    calling_ae=calling_ae,
+                    peer_address=peer_address,
+                    received_at=at,
+                    status=status,
+                    status_reason=reason,
+                    spool_path=path,
+                    sha256=sha256,
+                    size_bytes=size_bytes,
+                    attempts=0,
+                )
+                s.add(row)
+                s.flush()
+                self._event(
+                    s, "instance", row.id, None, status, now,
+                    event="received", calling_ae=calling_ae, peer_address=peer_address,
+                    sop_instance_uid=sop_instance_uid, reason=reason,
+                )
+                return ReceiveResult(row.id, False)
+        except IntegrityError:
+            # PostgreSQL: another connection inserted the same object between our check and insert.
+            with self.db.session() as s:
+                row = existing(s)
+                if row is None:
+                    raise
+                return duplicate(s, row)
+
+    def claim_received(self, worker: str, limit: int) -> list[InstanceRecord]:
+        """Move up to ``limit`` received instances (oldest first) to analysing for ``worker``."""
+        if limit <= 0:
+            return []
+        now = self._now()
+        with self.db.session() as s:
+            query = (
+                select(Instance.id)
+                .where(Instance.status == "received")
+                .order_by(Instance.received_at, Instance.id)
+                .limit(limit)
+            )
+            if self.db.is_postgresql:
+                query = query.with_for_update(skip_locked=True)
+            claimed: list[int] = []
+            for instance_id in s.scalars(query).all():
+                result = s.execute(
+                    update(Instance)
+                    .where(Instance.id == instance_id, Instance.status == "received")
+                    .values(
+                        status="analysing",
+                        claimed_by=worker,
+                        claimed_at=now,
+                        attempts=Instance.attempts + 1,
+                        status_reason=None,
+                    )
+                    .execution_options(synchronize_session=False)
+                )
+                if result.rowcount == 1:
+                    claimed.append(instance_id)
+                    self._event(s, "instance", instance_id, "received", "analysing", now, worker=worker)
+            rows = s.scalars(select(Instance).where(Instance.id.in_(claimed)).order_by(Instance.received_at, Instance.id)).all() if claimed else []
+            return [instance_record(r) for r in rows]
+
+    def _transition(
+        self, s: Session, instance_id: int, allowed: tuple[str, ...], to_status: str
+    ) -> Instance:
+        query = select(Instance).where(Instance.id == instance_id)
+        if self.db.is_postgresql:
+            query = query.with_for_update()
+        row = s.scalars(query).first()
+        if row is None:
+            raise NotFoundError("instance", instance_id)
+        if row.status not in allowed:
+            raise InvalidTransitionError("instance", instance_id, row.status, to_status)
+        return row
+
+    def record_verdict(self, instance_id: int, v: VerdictInput | VerdictLike, *, worker: str | None = None) -> None:
+        """Store the verdict of an instance being analysed and move it to analysed.
+
+        With ``worker``, the instance must still be claimed by that worker (it may
+        have been requeued as stuck and claimed by another one meanwhile).
+        """
+        data = v if isinstance(v, VerdictInput) else VerdictInput.from_verdict(v)
+        now = self._now()
+        with self.db.session() as s:
+            row = self._transition(s, instance_id, ("analysing",), "analysed")
+            if worker is not None and row.claimed_by != worker:
+                raise InvalidTransitionError("instance", instance_id, f"analysing by {row.claimed_by}", "analysed")
+            if s.scalar(select(Verdict.id).where(Verdict.instance_id == instance_id)) is not None:
+                raise InvalidTransitionError("instance", instance_id, "analysing (verdict exists)", "analysed")
+            s.add(Verdict(instance_id=instance_id, created_at=now, **{f.name: getattr(data, f.name) for f in fields(VerdictInput)}))
+            row.status = "analysed"
+            row.status_reason = None
+            self._event(
+                s, "instance", instance_id, "analysing", "analysed", now,
+                score=data.score, label=data.label, model_version=data.model_version, worker=row.claimed_by,
+            )
+
+    def mark_failed(self, instance_id: int, reason: str) -> None:
+        self._finish(instance_id, "failed", reason)
+
+    def mark_skipped(self, instance_id: int, reason: str) -> None:
+        self._finish(instance_id, "skipped", reason)
+
+    def _finish(self, instance_id: int, to_status: str, reason: str) -> None:
+        now = self._now()
+        with self.db.session() as s:
+            row = self._transition(s, instance_id, ("received", "analysing"), to_status)
+            from_status = row.status
+            row.status = to_status
+            row.status_reason = _truncate(reason)
+            self._event(s, "instance", instance_id, from_status, to_status, now, reason=row.status_reason)
+
+    def requeue_in_progress(
+        self, older_than: timedelta | None = None, *, max_attempts: int | None = None
+    ) -> int:
+        """Put stuck work back in the queue: analysing -> received, sending -> pending.
+
+        ``older_than=None`` takes everything (start-up, when no worker can be
+        running); otherwise only claims older than that. With ``max_attempts``, an
+        instance already claimed that many times goes to failed instead: an object
+        that kills its worker every time must not loop forever.
+        Returns the number of instances and reports changed.
+        """
+        now = self._now()
+        cutoff = None if older_than is None else now - older_than
+        changed = 0
+        with self.db.session() as s:
+            q = select(Instance).where(Instance.status == "analysing")
+            if cutoff is not None:
+                q = q.where(or_(Instance.claimed_at.is_(None), Instance.claimed_at <= cutoff))
+            if self.db.is_postgresql:
+                q = q.with_for_update(skip_locked=True)
+            for row in s.scalars(q).all():
+                worker = row.claimed_by
+                if max_attempts is not None and row.attempts >= max_attempts:
+                    row.status = "failed"
+                    row.status_reason = f"gave up after {row.attempts} attempts: analysis never finished"
+                    self._event(s, "instance", row.id, "analysing", "failed", now, reason=row.status_reason, worker=worker)
+                else:
+                    row.status = "received"
+                    row.claimed_by = None
+                    row.claimed_at = None
+                    self._event(s, "instance", row.id, "analysing", "received", now, event="requeued", worker=worker)
+                changed += 1
+            rq = select(Report).where(Report.status == "sending")
+            if cutoff is not None:
+                rq = rq.where(or_(Report.claimed_at.is_(None), Report.claimed_at <= cutoff))
+            if self.db.is_postgresql:
+                rq = rq.with_for_update(skip_locked=True)
+            for rep in s.scalars(rq).all():
+                rep.status = "pending"
+                rep.next_attempt_at = now
+                rep.claimed_at = None
+                self._event(s, "report", rep.id, "sending", "pending", now, event="requeued")
+                changed += 1
+        if changed:
+            logger.warning("requeued stuck work", extra={"count": changed})
+        return changed
+
+    # -- report groups -----------------------------------------------------------
+
+    def ready_groups(
+        self, idle_seconds: float, scope: Literal["series", "study"] = "series", now: datetime | None = None
+    ) -> list[ReportGroup]:
+        """Groups whose SR can be built now, oldest first.
+
+        A group (a series, or a study for ``scope="study"``) is ready when its newest
+        instance arrived at least ``idle_seconds`` ago, none of its instances is
+        received or analysing, and its analysed instances differ from those of its
+        newest report (a re-sent identical series gives nothing; new images do).
+        Of several rows with one SOP Instance UID only the newest counts: a changed
+        object replaces the old one in the next report.
+        """
+        if scope not in ("series", "study"):
+            raise ValueError(f"scope={scope!r}: expected 'series' or 'study'")
+        now = self._now() if now is None else aware_utc(now, "now")
+        cutoff = now - timedelta(seconds=idle_seconds)
+        by_series = scope == "series"
+        groups: list[ReportGroup] = []
+        with self.db.read_session() as s:
+            key_cols = [Instance.study_instance_uid] + ([Instance.series_instance_uid] if by_series else [])
+            # served by the partial index ix_instances_unreported: only analysed rows never reported
+            candidates = s.execute(
+                select(*key_cols)
+                .where(Instance.status == "analysed", Instance.reported_at.is_(None))
+                .distinct()
+            ).all()
+            for key in candidates:
+                study = key[0]
+                series = key[1] if by_series else None
+                where = [Instance.study_instance_uid == study]
+                if by_series:
+                    where.append(Instance.series_instance_uid == series)
+                rows = s.execute(
+                    select(Instance.id, Instance.sop_instance_uid, Instance.status, Instance.received_at)
+                    .where(*where)
+                    .order_by(Instance.id)
+                ).all()
+                if any(r.status in ("received", "analysing") for r in rows):
+                    continue
+                newest_at = max(r.received_at for r in rows)
+                if newest_at > cutoff:
+                    continue
+                newest_per_sop: dict[str, Any] = {}
+                for r in rows:  # ascending id: the last one wins
+                    newest_per_sop[r.sop_instance_uid] = r
+                ids = tuple(sorted(r.id for r in newest_per_sop.values() if r.status == "analysed"))
+                if not ids:
+                    continue
+                series_cond = (
+                    Report.source_series_instance_uid == series
+                    if by_series
+                    else Report.source_series_instance_uid.is_(None)
+                )
+                previous = s.scalar(
+                    select(Report.id)
+                    .where(Report.study_instance_uid == study, series_cond)
+                    .order_by(Report.created_at.desc(), Report.id.desc())
+                    .limit(1)
+                )
+                if previous is not None:
+                    previous_ids = set(
+                        s.scalars(select(ReportInstance.instance_id).where(ReportInstance.report_id == previous))
+                    )
+                    if previous_ids == set(ids):
+                        continue
+                groups.append(ReportGroup(study, series, ids, newest_at, previous))
+        groups.sort(key=lambda g: (g.newest_received_at, g.study_instance_uid, g.series_instance_uid or ""))
+        return groups
+
+    # -- reports ---------------------------------------------------------------------
+
+    def create_report(
+        self,
+        *,
+        group: ReportGroup,
+        sop_instance_uid: str,
+        series_instance_uid: str,
+        destination: str,
+        path: str | Path,
+        instance_ids: Sequence[int],
+        instance_count: int,
+        suspected_count: int,
+        max_score: float | None,
+    ) -> int | None:
+        """Queue an SR for one destination (status pending, due now).
+
+        Returns the report id, or None when this SR UID is already queued for this
+        destination (idempotent: a rebuilt identical SR is not sent twice).
+        """
+        ids = sorted(set(int(i) for i in instance_ids))
+        if not ids:
+            raise ValueError("a report needs at least one instance id")
+        now = self._now()
+
+        def already(s: Session) -> bool:
+            return (
+                s.scalar(
+                    select(Report.id).where(Report.sop_instance_uid == sop_instance_uid, Report.destination == destination)
+                )
+                is not None
+            )
+
+        try:
+            with self.db.session() as s:
+                if already(s):
+                    return None
+                report = Report(
+                    sop_instance_uid=sop_instance_uid,
+                    series_instance_uid=series_instance_uid,
+                    study_instance_uid=group.study_instance_uid,
+                    source_series_instance_uid=group.series_instance_uid,
+                    destination=destination,
+                    status="pending",
+                    attempts=0,
+                    next_attempt_at=now,
+                    created_at=now,
+                    path=str(path),
+                    instance_count=instance_count,
+                    suspected_count=suspected_count,
+                    max_score=max_score,
+                )
+                s.add(report)
+                s.flush()
+                s.add_all(ReportInstance(report_id=report.id, instance_id=i) for i in ids)
+                for chunk in _chunks(ids):
+                    s.execute(
+                        update(Instance)
+                        .where(Instance.id.in_(chunk), Instance.reported_at.is_(None))
+                        .values(reported_at=now)
+                        .execution_options(synchronize_session=False)
+                    )
+                # Older versions of the same objects (same SOP UID, other bytes) are superseded:
+                # mark them so ready_groups stops looking at them.
+                in_report = select(Instance.sop_instance_uid).where(Instance.id.in_(ids)).scalar_subquery()
+                where = [
+                    Instance.status == "analysed",
+                    Instance.reported_at.is_(None),
+                    Instance.study_instance_uid == group.study_instance_uid,
+                    Instance.sop_instance_uid.in_(in_report),
+                ]
+                if group.series_instance_uid is not None:
+                    where.append(Instance.series_instance_uid == group.series_instance_uid)
+                s.execute(update(Instance).where(*where).values(reported_at=now).execution_options(synchronize_session=False))
+                self._event(
+                    s, "report", report.id, None, "pending", now,
+                    sop_instance_uid=sop_instance_uid, destination=destination, instance_count=instance_count,
+                    suspected_count=suspected_count, max_score=max_score,
+                )
+                return report.id
+        except IntegrityError:
+            with self.db.read_session() as s:
+                if already(s):
+                    return None
+            raise
+
+    def report_records(self, s: Session, rows: Sequence[Report]) -> list[ReportRecord]:
+        """Records of report rows with their instance ids (one query per 500 reports)."""
+        links: dict[int, list[int]] = {r.id: [] for r in rows}
+        for chunk in _chunks(list(links)):
+            for report_id, instance_id in s.execute(
+                select(ReportInstance.report_id, ReportInstance.instance_id).where(ReportInstance.report_id.in_(chunk))
+            ):
+                links[report_id].append(instance_id)
+        names = [f.name for f in fields(ReportRecord) if f.name != "instance_ids"]
+        return [ReportRecord(**{n: getattr(r, n) for n in names}, instance_ids=tuple(sorted(links[r.id]))) for r in rows]
+
+    def claim_due_reports(self, now: datetime | None = None, limit: int = 10) -> list[ReportRecord]:
+        """Move due pending/retrying reports (``next_attempt_at <= now``) to sending, earliest first."""
+        if limit <= 0:
+            return []
+        now = self._now() if now is None else aware_utc(now, "now")
+        with self.db.session() as s:
+            due = and_(Report.status.in_(("pending", "retrying")), Report.next_attempt_at <= now)
+            query = select(Report.id, Report.status).where(due).order_by(Report.next_attempt_at, Report.id).limit(limit)
+            if self.db.is_postgresql:
+                query = query.with_for_update(skip_locked=True)
+            claimed: list[int] = []
+            for report_id, status in s.execute(query).all():
+                result = s.execute(
+                    update(Report)
+                    .where(Report.id == report_id, Report.status == status)
+                    .values(status="sending", claimed_at=now)
+                    .execution_options(synchronize_session=False)
+                )
+                if result.rowcount == 1:
+                    claimed.append(report_id)
+                    self._event(s, "report", report_id, status, "sending", now)
+            if not claimed:
+                return []
+            rows = s.scalars(select(Report).where(Report.id.in_(claimed)).order_by(Report.next_attempt_at, Report.id)).all()
+            return self.report_records(s, rows)
+
+    def _report_transition(self, s: Session, report_id: int, allowed: tuple[str, ...], to_status: str) -> Report:
+        query = select(Report).where(Report.id == report_id)
+        if self.db.is_postgresql:
+            query = query.with_for_update()
+        row = s.scalars(query).first()
+        if row is None:
+            raise NotFoundError("report", report_id)
+        if row.status not in allowed:
+            raise InvalidTransitionError("report", report_id, row.status, to_status)
+        return row
+
+    def mark_report_sent(self, report_id: int) -> None:
+        now = self._now()
+        with self.db.session() as s:
+            row = self._report_transition(s, report_id, ("sending",), "sent")
+            row.status = "sent"
+            row.sent_at = now
+            row.claimed_at = None
+            row.next_attempt_at = None
+            self._event(s, "report", report_id, "sending", "sent", now, destination=row.destination)
+
+    def mark_report_failed(self, report_id: int, error: str, next_attempt_at: datetime | None) -> str:
+        """Record a failed send: ``next_attempt_at=None`` -> dead, else retrying. Returns the new status."""
+        when = None if next_attempt_at is None else aware_utc(next_attempt_at, "next_attempt_at")
+        to_status = "dead" if when is None else "retrying"
+        now = self._now()
+        with self.db.session() as s:
+            row = self._report_transition(s, report_id, ("sending",), to_status)
+            row.status = to_status
+            row.attempts += 1
+            row.last_error = _truncate(error)
+            row.next_attempt_at = when
+            row.claimed_at = None
+            self._event(
+                s, "report", report_id, "sending", to_status, now,
+                error=row.last_error, attempts=row.attempts, next_attempt_at=when,
+            )
+        return to_status
+
+    def retry_report(self, report_id: int) -> None:
+        """Put a dead (or retrying) report back to pending, due now, with its attempt count reset.
+
+        Raises ``NotFoundError`` for an unknown id and ``InvalidTransitionError``
+        for a report that is pending, sending or sent.
+        """
+        now = self._now()
+        with self.db.session() as s:
+            row = self._report_transition(s, report_id, ("dead", "retrying"), "pending")
+            from_status, attempts = row.status, row.attempts
+            row.status = "pending"
+            row.next_attempt_at = now
+            row.attempts = 0
+            self._event(s, "report", report_id, from_status, "pending", now, event="manual retry", previous_attempts=attempts)
+
+    def list_reports(self, status: str | None = None, limit: int = 100) -> list[ReportRecord]:
+        """Reports, newest first, optionally of one status."""
+        if status is not None and status not in REPORT_STATUSES:
+            raise ValueError(f"status={status!r}: expected one of {', '.join(REPORT_STATUSES)}")
+        with self.db.read_session() as s:
+            query = select(Report).order_by(Report.id.desc()).limit(limit)
+            if status is not None:
+                query = query.where(Report.status == status)
+            return self.report_records(s, s.scalars(query).all())
+
+    def get_report(self, report_id: int) -> ReportRecord | None:
+        with self.db.read_session() as s:
+            row = s.get(Report, report_id)
+            return None if row is None else self.report_records(s, [row])[0]
+
+    # -- retention ---------------------------------------------------------------------
+
+    def spool_files_to_delete(self, delivered_before: datetime, limit: int | None = None) -> list[tuple[int, str]]:
+        """(instance id, spool path) of files no longer needed.
+
+        An analysed instance qualifies once it is in at least one report and every
+        report it is in (every destination, every version) was sent before
+        ``delivered_before``; also an analysed instance superseded by a newer copy
+        before it was ever reported. A skipped instance qualifies once received
+        before ``delivered_before``. Failed instances keep their files for
+        investigation.
+        """
+        before = aware_utc(delivered_before, "delivered_before")
+        linked = exists().where(ReportInstance.instance_id == Instance.id)
+        unfinished = exists().where(
+            ReportInstance.instance_id == Instance.id,
+            ReportInstance.report_id == Report.id,
+            or_(Report.status != "sent", Report.sent_at.is_(None), Report.sent_at >= before),
+        )
+        delivered = and_(Instance.status == "analysed", linked, ~unfinished)
+        superseded = and_(
+            Instance.status == "analysed", ~linked, Instance.reported_at.is_not(None), Instance.reported_at < before
+        )
+        skipped = and_(Instance.status == "skipped", Instance.received_at < before)
+        query = (
+            select(Instance.id, Instance.spool_path)
+            .where(Instance.spool_path.is_not(None), or_(delivered, superseded, skipped))
+            .order_by(Instance.id)
+        )
+        if limit is not None:
+            query = query.limit(limit)
+        with self.db.read_session() as s:
+            return [(i, p) for i, p in s.execute(query).all()]
+
+    def mark_spool_deleted(self, instance_id: int) -> bool:
+        """Record that the instance's spool file is gone; False when it was already recorded."""
+        now = self._now()
+        with self.db.session() as s:
+            row = s.get(Instance, instance_id)
+            if row is None:
+                raise NotFoundError("instance", instance_id)
+            if row.spool_path is None:
+                return False
+            self._event(s, "instance", instance_id, row.status, row.status, now, event="spool file deleted", path=row.spool_path)
+            row.spool_path = None
+            row.spool_deleted_at = now
+            return True
+
+    # -- reads -----------------------------------------------------------------------------
+
+    def get_instance(self, instance_id: int) -> InstanceRecord | None:
+        with self.db.read_session() as s:
+            row = s.get(Instance, instance_id)
+            return None if row is None else instance_record(row)
+
+    def instances_for(self, ids: Iterable[int]) -> list[InstanceRecord]:
+        """Records of these instances, ordered by id (unknown ids are left out)."""
+        wanted = sorted(set(ids))
+        out: list[InstanceRecord] = []
+        with self.db.read_session() as s:
+            for chunk in _chunks(wanted):
+                out.extend(instance_record(r) for r in s.scalars(select(Instance).where(Instance.id.in_(chunk))))
+        return sorted(out, key=lambda r: r.id)
+
+    def verdicts_for(self, ids: Iterable[int]) -> dict[int, VerdictRecord]:
+        """Verdicts keyed by instance id (instances without a verdict are left out)."""
+        wanted = sorted(set(ids))
+        out: dict[int, VerdictRecord] = {}
+        with self.db.read_session() as s:
+            for chunk in _chunks(wanted):
+                for r in s.scalars(select(Verdict).where(Verdict.instance_id.in_(chunk))):
+                    out[r.instance_id] = verdict_record(r)
+        return out
+
+    def status_summary(self, error_limit: int = 10) -> StatusSummary:
+        with self.db.read_session() as s:
+            instances = dict.fromkeys(INSTANCE_STATUSES, 0)
+            instances.update(dict(s.execute(select(Instance.status, func.count()).group_by(Instance.status)).all()))
+            reports = dict.fromkeys(REPORT_STATUSES, 0)
+            reports.update(dict(s.execute(select(Report.status, func.count()).group_by(Report.status)).all()))
+            oldest = s.scalar(
+                select(func.min(Instance.received_at)).where(Instance.status.in_(("received", "analysing")))
+            )
+            errors = s.scalars(
+                select(Event)
+                .where(
+                    or_(
+                        and_(Event.entity == "instance", Event.to_status == "failed"),
+                        and_(Event.entity == "report", Event.to_status.in_(("retrying", "dead"))),
+                    )
+                )
+                .order_by(Event.at.desc(), Event.id.desc())
+                .limit(error_limit)
+            ).all()
+            recent = []
+            for e in errors:
+                detail = json.loads(e.detail) if e.detail else {}
+                message = detail.get("reason") or detail.get("error") or ""
+                recent.append(ErrorRecord(e.entity, int(e.entity_id or 0), e.at, e.to_status or "", str(message)))
+        return StatusSummary(instances, reports, oldest, recent)
+
+    # -- reconciliation ---------------------------------------------------------------------
+
+    def reconcile_spool(
+        self,
+        spool: Spool,
+        quarantine_dir: Path | str,
+        *,
+        min_age: timedelta = timedelta(seconds=60),
+        temp_max_age: timedelta = timedelta(hours=1),
+    ) -> ReconcileResult:
+        """Make the spool and the database agree (at start-up, or periodically).
+
+        A spool file with no row was never acknowledged (crash between write and
+        commit, or a duplicate whose deletion was cut short): it is quarantined with
+        a node event. ``min_age`` spares files younger than that, which may belong to
+        a C-STORE between its write and its commit. A received or analysing row whose
+        file is missing goes to failed ("spool file missing").
+        """
+        now = self._now()
+        temp_removed = spool.remove_stale_temp_files(temp_max_age.total_seconds())
+        with self.db.read_session() as s:
+            known = set(s.scalars(select(Instance.spool_path).where(Instance.spool_path.is_not(None))))
+        youngest = time.time() - min_age.total_seconds()
+        checked = 0
+        quarantined: list[tuple[str, Path]] = []
+        for rel in spool.iter_files():
+            checked += 1
+            key = rel.as_posix()
+            if key in known:
+                continue
+            try:
+                if (spool.root / rel).stat().st_mtime > youngest:
+                    continue
+                # re-check: the row may have been committed since the snapshot above
+                with self.db.read_session() as s:
+                    if s.scalar(select(Instance.id).where(Instance.spool_path == key)) is not None:
+                        continue
+                target = spool.quarantine(rel, quarantine_dir, "no database row: never acknowledged")
+            except (FileNotFoundError, SpoolError) as exc:
+                logger.warning("cannot quarantine orphan spool file", extra={"path": key, "error": str(exc)})
+                continue
+            quarantined.append((key, target))
+        missing: list[int] = []
+        with self.db.session() as s:
+            for key, target in quarantined:
+                self._event(s, "node", None, None, None, now, event="orphan spool file quarantined", path=key, to=str(target))
+            rows = s.execute(
+                select(Instance.id, Instance.status, Instance.spool_path).where(
+                    Instance.status.in_(("received", "analysing")), Instance.spool_path.is_not(None)
+                )
+            ).all()
+            for instance_id, status, path in rows:
+                try:
+                    if spool.exists(path):
+                        continue
+                except SpoolError:  # a path outside the spool is as good as missing
+                    pass
+                result = s.execute(
+                    update(Instance)
+                    .where(Instance.id == instance_id, Instance.status == status)
+                    .values(status="failed", status_reason="spool file missing")
+                    .execution_options(synchronize_session=False)
+                )
+                if result.rowcount == 1:
+                    missing.append(instance_id)
+                    self._event(s, "instance", instance_id, status, "failed", now, reason="spool file missing", path=path)
+        if quarantined or missing or temp_removed:
+            logger.warning(
+                "spool reconciled",
+                extra={"quarantined": len(quarantined), "missing": len(missing), "temp_removed": temp_removed},
+            )
+        return ReconcileResult(checked, quarantined, missing, temp_removed)
