@@ -1,0 +1,302 @@
+"""Model bundles: everything needed to rebuild a trained detector, in one folder.
+
+```
+BUNDLE/
+  manifest.json        format version, name, semantic version, spec, preprocessing,
+                       threshold, retrieval settings, training summary, metrics, weights sha256
+  weights.safetensors  the model's state dict
+  bank/                the MFRM support bank (``detector.retrieval``)
+```
+
+When the backbone comes from a checkpoint file, the frozen backbone weights
+(``model.frozen_prefixes``) are left out of ``weights.safetensors``: the
+checkpoint, verified by its sha256 in the spec, supplies them at load time. A
+tiny random backbone has no checkpoint, so its weights are kept.
+
+Loading validates everything it reads and raises ``BundleError(path, reason)``
+naming the offending file; a missing or mismatching backbone checkpoint is a
+``CheckpointError`` from ``detector.backbone``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from detector.backbone import sha256_file
+from detector.errors import BundleError
+from detector.preprocess import PreprocessConfig
+from detector.retrieval import BankFormatError, SupportBank
+from detector.spec import ModelSpec
+
+logger = logging.getLogger(__name__)
+
+FORMAT_VERSION = 1
+MANIFEST_FILE = "manifest.json"
+WEIGHTS_FILE = "weights.safetensors"
+BANK_DIR = "bank"
+CLINICAL_USE_NOTE = (
+    "not clinically validated: research tool for forensic screening; "
+    "a verdict is no diagnosis and no proof of manipulation"
+)
+_SEMVER = re.compile(r"^\d+\.\d+\.\d+(?:-[0-9A-Za-z.-]+)?(?:\+[0-9A-Za-z.-]+)?$")
+
+
+class RetrievalSettings(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    k: int = Field(8, ge=1)
+    lam: float = Field(0.3, ge=0.0, le=1.0)
+    temperature: float = Field(0.05, gt=0.0)
+
+
+class Manifest(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    format_version: int
+    name: str = Field(min_length=1)
+    version: str
+    created_at: str
+    method: str
+    spec: ModelSpec
+    preprocess: PreprocessConfig
+    threshold: float = Field(ge=0.0, le=1.0)
+    retrieval: RetrievalSettings
+    embedding_dim: int = Field(ge=1)
+    backbone_weights_included: bool
+    weights_sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+    training: dict[str, Any] = {}
+    metrics: dict[str, Any] = {}
+    clinical_use: str = CLINICAL_USE_NOTE
+
+    @field_validator("version")
+    @classmethod
+    def _semver(cls, v: str) -> str:
+        if not _SEMVER.match(v):
+            raise ValueError(f"version {v!r} is not a semantic version (MAJOR.MINOR.PATCH)")
+        return v
+
+
+@dataclass
+class LoadedBundle:
+    path: Path
+    manifest: Manifest
+    model: torch.nn.Module
+    bank: SupportBank
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def preprocess(self) -> PreprocessConfig:
+        return self.manifest.preprocess
+
+    @property
+    def spec(self) -> ModelSpec:
+        return self.manifest.spec
+
+    @property
+    def model_version(self) -> str:
+        m = self.manifest
+        return f"{m.name}@{m.version}+{m.weights_sha256[:12]}"
+
+
+def _is_frozen_key(model: torch.nn.Module, key: str) -> bool:
+    """``ForensicModel.is_frozen_key``: prefixes end in ".", other entries are exact keys."""
+    return bool(model.is_frozen_key(key))
+
+
+def _omit_backbone(spec: ModelSpec) -> bool:
+    return spec.backbone.checkpoint is not None
+
+
+def bundle_state_dict(model: torch.nn.Module, spec: ModelSpec) -> dict[str, torch.Tensor]:
+    """The tensors a bundle stores: all of them, less the frozen backbone when a checkpoint supplies it."""
+    omit = _omit_backbone(spec)
+    # clone(): safetensors refuses tensors that share storage.
+    return {k: v.detach().cpu().contiguous().clone() for k, v in model.state_dict().items()
+            if not (omit and _is_frozen_key(model, k))}
+
+
+@torch.inference_mode()
+def embedding_dim(model: torch.nn.Module, spec: ModelSpec) -> int:
+    """Dimension of ``model.embed`` found by one dummy forward."""
+    s, c = spec.backbone.image_size, spec.noise_crop
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    try:
+        emb = model.embed(torch.zeros(1, 3, s, s, device=device), torch.zeros(1, 3, c, c, device=device))
+    finally:
+        model.train(was_training)
+    return int(emb.shape[-1])
+
+
+def _write_json_atomic(path: Path, doc: dict[str, Any]) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(doc, indent=2, sort_keys=False) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def save_bundle(
+    path: Path | str,
+    model: torch.nn.Module,
+    spec: ModelSpec,
+    preprocess: PreprocessConfig,
+    *,
+    name: str,
+    version: str,
+    threshold: float,
+    retrieval: RetrievalSettings | None = None,
+    bank: SupportBank | None = None,
+    training: dict[str, Any] | None = None,
+    metrics: dict[str, Any] | None = None,
+) -> Manifest:
+    """Write a bundle folder (created if needed; existing bundle files are replaced)."""
+    path = Path(path)
+    if preprocess.semantic_size != spec.backbone.image_size or preprocess.noise_crop != spec.noise_crop:
+        raise ValueError(
+            f"preprocessing ({preprocess.semantic_size} px semantic, {preprocess.noise_crop} px noise crop) "
+            f"does not match the spec ({spec.backbone.image_size} px, {spec.noise_crop} px)")
+    path.mkdir(parents=True, exist_ok=True)
+    dim = embedding_dim(model, spec)
+    bank = bank if bank is not None else SupportBank(dim)
+    if bank.dim != dim:
+        raise ValueError(f"bank dimension {bank.dim} != model embedding dimension {dim}")
+
+    weights = path / WEIGHTS_FILE
+    tmp_weights = path / f".{WEIGHTS_FILE}.tmp"
+    save_file(bundle_state_dict(model, spec), str(tmp_weights), metadata={"format": "pt"})
+    mask = os.umask(0)
+    os.umask(mask)
+    os.chmod(tmp_weights, 0o666 & ~mask)  # the node may run as another user than the trainer
+    os.replace(tmp_weights, weights)
+    manifest = Manifest(
+        format_version=FORMAT_VERSION,
+        name=name,
+        version=version,
+        created_at=datetime.now(UTC).isoformat(timespec="seconds"),
+        method=spec.method,
+        spec=spec,
+        preprocess=preprocess,
+        threshold=float(threshold),
+        retrieval=retrieval or RetrievalSettings(),
+        embedding_dim=dim,
+        backbone_weights_included=not _omit_backbone(spec),
+        weights_sha256=sha256_file(weights),
+        training=training or {},
+        metrics=metrics or {},
+    )
+    bank.save(path / BANK_DIR)
+    _write_json_atomic(path / MANIFEST_FILE, manifest.model_dump(mode="json"))
+    logger.info("saved bundle", extra={"bundle": str(path), "version": version, "weights_sha256": manifest.weights_sha256})
+    return manifest
+
+
+def read_manifest(path: Path | str) -> Manifest:
+    """Parse and validate ``manifest.json`` of a bundle folder."""
+    path = Path(path)
+    if not path.is_dir():
+        raise BundleError(path, "bundle folder not found")
+    mpath = path / MANIFEST_FILE
+    if not mpath.is_file():
+        raise BundleError(mpath, "missing manifest.json")
+    try:
+        doc = json.loads(mpath.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise BundleError(mpath, f"manifest is not valid JSON: {exc}") from exc
+    if not isinstance(doc, dict):
+        raise BundleError(mpath, "manifest must be a JSON object")
+    if doc.get("format_version") != FORMAT_VERSION:
+        raise BundleError(mpath, f"unknown bundle format version {doc.get('format_version')!r} "
+                                 f"(this build reads version {FORMAT_VERSION})")
+    try:
+        return Manifest.model_validate(doc)
+    except ValidationError as exc:
+        problems = "; ".join(f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors())
+        raise BundleError(mpath, f"invalid manifest: {problems}") from exc
+
+
+def update_manifest(path: Path | str, **changes: Any) -> Manifest:
+    """Rewrite selected manifest fields (e.g. metrics after an evaluation), validated."""
+    path = Path(path)
+    manifest = read_manifest(path)
+    updated = Manifest.model_validate({**manifest.model_dump(mode="json"), **changes})
+    _write_json_atomic(path / MANIFEST_FILE, updated.model_dump(mode="json"))
+    return updated
+
+
+def load_bank(path: Path | str, manifest: Manifest | None = None) -> SupportBank:
+    path = Path(path)
+    manifest = manifest or read_manifest(path)
+    bank_dir = path / BANK_DIR
+    if not bank_dir.is_dir():
+        raise BundleError(bank_dir, "missing bank folder")
+    try:
+        bank = SupportBank.load(bank_dir)
+    except BankFormatError as exc:
+        raise BundleError(exc.path, exc.reason) from exc
+    if bank.dim != manifest.embedding_dim:
+        raise BundleError(bank_dir, f"bank dimension {bank.dim} != model embedding dimension {manifest.embedding_dim}")
+    return bank
+
+
+def save_bank(path: Path | str, bank: SupportBank) -> None:
+    """Replace the bank of an existing bundle (weights and manifest untouched)."""
+    path = Path(path)
+    manifest = read_manifest(path)
+    if bank.dim != manifest.embedding_dim:
+        raise BundleError(path / BANK_DIR, f"bank dimension {bank.dim} != model embedding dimension "
+                                           f"{manifest.embedding_dim}")
+    bank.save(path / BANK_DIR)
+
+
+def load_bundle(path: Path | str, device: str | torch.device = "cpu") -> LoadedBundle:
+    """Validate and load a bundle: the model in eval mode with cached text embeddings, and its bank."""
+    from detector.methods import build_model
+
+    path = Path(path)
+    manifest = read_manifest(path)
+    weights = path / WEIGHTS_FILE
+    if not weights.is_file():
+        raise BundleError(weights, "missing weights.safetensors")
+    actual = sha256_file(weights)
+    if actual != manifest.weights_sha256:
+        raise BundleError(weights, f"weights sha256 {actual} does not match the manifest's "
+                                   f"{manifest.weights_sha256}: the file was changed or corrupted")
+    bank = load_bank(path, manifest)
+    try:
+        state = load_file(str(weights))
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise BundleError(weights, f"cannot read weights: {exc}") from exc
+
+    model = build_model(manifest.spec)
+    expected = model.state_dict()
+    omitted = not manifest.backbone_weights_included
+    required = {k for k in expected if not (omitted and _is_frozen_key(model, k))}
+    missing = sorted(required - state.keys())
+    unexpected = sorted(state.keys() - expected.keys())
+    wrong_shape = sorted(k for k in state.keys() & expected.keys() if state[k].shape != expected[k].shape)
+    if missing or unexpected or wrong_shape:
+        def few(keys: list[str]) -> str:
+            return ", ".join(keys[:5]) + (f" (+{len(keys) - 5} more)" if len(keys) > 5 else "")
+        parts = [f"missing keys: {few(missing)}" if missing else "",
+                 f"unexpected keys: {few(unexpected)}" if unexpected else "",
+                 f"shape mismatch: {few(wrong_shape)}" if wrong_shape else ""]
+        raise BundleError(weights, "weights do not fit the manifest's model spec; " + "; ".join(p for p in parts if p))
+    model.load_state_dict(state, strict=False)
+    model.to(device)
+    model.prepare_inference()  # eval mode and cached text embeddings
+    dim = embedding_dim(model, manifest.spec)
+    if dim != manifest.embedding_dim:
+        raise BundleError(path / MANIFEST_FILE, f"model embeds to {dim} dimensions, manifest says {manifest.embedding_dim}")
+    return LoadedBundle(path=path, manifest=manifest, model=model, bank=bank)
