@@ -65,6 +65,7 @@ class ListenerConfig(_Strict):
     host: str = "0.0.0.0"
     port: int = Field(11112, ge=1, le=65535)
     require_known_calling_ae: bool = True
+    require_called_ae_title: bool = True  # the called AE title must equal ae_title
     calling_aes: tuple[CallingAE, ...] = ()
     max_associations: int = Field(16, ge=1, le=1024)
     acse_timeout_seconds: float = Field(30, gt=0)
@@ -72,6 +73,7 @@ class ListenerConfig(_Strict):
     network_timeout_seconds: float = Field(60, gt=0)
     max_pdu_bytes: int = Field(65536, ge=0)  # 0: no limit
     max_pixels: int = Field(512 * 1024 * 1024, gt=0)  # Rows x Columns x Frames refused above this
+    shutdown_grace_seconds: float = Field(20, ge=0)  # SIGTERM: wait this long for open associations
     tls: TLSConfig = TLSConfig()
 
     _ae = field_validator("ae_title")(_check_ae_title)
@@ -144,8 +146,11 @@ class ReportConfig(_Strict):
 
 
 class LoggingConfig(_Strict):
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
     level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
-    json: bool = False
+    # the file's key is `json`; the attribute is renamed so it does not shadow BaseModel.json
+    as_json: bool = Field(False, alias="json")
 
 
 class NodeConfig(_Strict):

@@ -1,0 +1,181 @@
+"""Worker threads that score received instances.
+
+The queue is the ``instances`` table: a worker claims up to ``detector.batch_size``
+``received`` rows (they become ``analysing``), reads each spool file, prepares it
+for the model, scores the batch and records one verdict per instance. An instance
+whose pixel data cannot be used is marked ``failed`` with the reason: there is
+never a silent score. Nothing is kept in memory between batches, so a crash loses
+nothing: rows left in ``analysing`` are put back by ``requeue_in_progress``.
+
+Preparation (reading, decoding, resizing) runs in every worker in parallel; the
+forward pass is serialised with a lock because a ``Detector`` scores one call at a
+time.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from collections.abc import Sequence
+from typing import Any, Protocol
+
+from pydicom import dcmread
+
+from listener.config import NodeConfig
+from storage.errors import DatabaseUnavailableError, InvalidTransitionError, NotFoundError, SpoolError
+from storage.repository import InstanceRecord, VerdictInput
+
+logger = logging.getLogger(__name__)
+
+# Waiting this long after a database error keeps a down database from being hammered.
+_ERROR_BACKOFF_SECONDS = 2.0
+
+
+class DetectorLike(Protocol):
+    @property
+    def preprocess_config(self) -> Any: ...
+
+    def score_prepared(self, images: Sequence[Any]) -> list[Any]: ...
+
+
+def _prepare(detector: DetectorLike, path: str, record: InstanceRecord) -> Any:
+    """Read the spool file and prepare it; raises ``PreprocessError`` (or a read error)."""
+    from detector.preprocess import prepare_dataset
+
+    ds = dcmread(path)
+    return prepare_dataset(ds, detector.preprocess_config, f"SOP {record.sop_instance_uid}")
+
+
+class Pipeline:
+    """``start()`` launches ``detector.workers`` threads; ``stop()`` lets each finish its batch."""
+
+    def __init__(self, repo: Any, detector: DetectorLike, spool: Any, cfg: NodeConfig) -> None:
+        self._repo = repo
+        self._detector = detector
+        self._spool = spool
+        self._batch = cfg.detector.batch_size
+        self._workers = cfg.detector.workers
+        self._poll = cfg.processing.poll_interval_seconds
+        self._stop = threading.Event()
+        self._wake = threading.Event()
+        self._score_lock = threading.Lock()
+        self._threads: list[threading.Thread] = []
+
+    # -- life cycle ------------------------------------------------------------
+
+    def start(self) -> None:
+        if self._threads:
+            return
+        self._stop.clear()
+        prefix = f"{os.uname().nodename}:{os.getpid()}"
+        for i in range(self._workers):
+            name = f"{prefix}:worker-{i}"
+            t = threading.Thread(target=self._run, args=(name,), name=f"dski-worker-{i}", daemon=True)
+            t.start()
+            self._threads.append(t)
+        logger.info("pipeline started", extra={"workers": self._workers, "batch_size": self._batch})
+
+    def wake(self) -> None:
+        """Look at the queue now instead of at the next poll (e.g. after a store)."""
+        self._wake.set()
+
+    def stop(self, timeout: float | None = 60.0) -> None:
+        self._stop.set()
+        self._wake.set()
+        for t in self._threads:
+            t.join(timeout)
+            if t.is_alive():
+                logger.warning("worker still busy at shutdown; its rows will be requeued", extra={"thread": t.name})
+        self._threads = []
+        logger.info("pipeline stopped")
+
+    @property
+    def running(self) -> bool:
+        return any(t.is_alive() for t in self._threads)
+
+    # -- work --------------------------------------------------------------------
+
+    def _run(self, worker: str) -> None:
+        while not self._stop.is_set():
+            try:
+                done = self.run_once(worker)
+            except DatabaseUnavailableError as exc:
+                logger.error("database unavailable in worker", extra={"worker": worker, "error": str(exc)})
+                self._stop.wait(_ERROR_BACKOFF_SECONDS)
+                continue
+            except Exception:  # a bug costs one batch (its rows get requeued), never the worker
+                logger.exception("worker batch failed", extra={"worker": worker})
+                self._stop.wait(_ERROR_BACKOFF_SECONDS)
+                continue
+            if done == 0:
+                self._wake.wait(self._poll)
+                self._wake.clear()
+
+    def run_once(self, worker: str) -> int:
+        """Claim and process one batch; returns the number of instances claimed."""
+        records = self._repo.claim_received(worker, self._batch)
+        if not records:
+            return 0
+        prepared: list[tuple[InstanceRecord, Any]] = []
+        for record in records:
+            image = self._prepare_one(record)
+            if image is not None:
+                prepared.append((record, image))
+        if not prepared:
+            return len(records)
+        try:
+            with self._score_lock:
+                verdicts = self._detector.score_prepared([image for _, image in prepared])
+        except Exception as exc:
+            # the model itself failed (out of memory, a bad bundle): say so on every row
+            logger.exception("detector failed on a batch", extra={"worker": worker, "size": len(prepared)})
+            for record, _ in prepared:
+                self._finish_failed(record, f"detector error: {type(exc).__name__}: {exc}")
+            return len(records)
+        for (record, _), verdict in zip(prepared, verdicts, strict=True):
+            try:
+                self._repo.record_verdict(record.id, VerdictInput.from_verdict(verdict), worker=worker)
+            except (InvalidTransitionError, NotFoundError) as exc:
+                # requeued as stuck and taken by another worker meanwhile: its verdict wins
+                logger.warning("verdict not recorded", extra={"instance_id": record.id, "reason": str(exc)})
+                continue
+            logger.info(
+                "instance analysed",
+                extra={
+                    "instance_id": record.id,
+                    "sop_instance_uid": record.sop_instance_uid,
+                    "score": round(verdict.score, 4),
+                    "label": verdict.label,
+                    "elapsed_ms": round(verdict.elapsed_ms, 1),
+                },
+            )
+        return len(records)
+
+    def _prepare_one(self, record: InstanceRecord) -> Any | None:
+        from detector.errors import PreprocessError
+
+        if record.spool_path is None:
+            self._finish_failed(record, "spool file already deleted")
+            return None
+        try:
+            path = str(self._spool.resolve(record.spool_path))
+            return _prepare(self._detector, path, record)
+        except PreprocessError as exc:
+            self._finish_failed(record, exc.reason)
+        except (SpoolError, OSError) as exc:
+            self._finish_failed(record, f"cannot read spool file: {exc}")
+        except Exception as exc:  # pydicom / decoders on broken data: a defined failure, not a score
+            self._finish_failed(record, f"cannot prepare image: {type(exc).__name__}: {exc}")
+        return None
+
+    def _finish_failed(self, record: InstanceRecord, reason: str) -> None:
+        try:
+            self._repo.mark_failed(record.id, reason)
+        except (InvalidTransitionError, NotFoundError) as exc:
+            logger.warning("failure not recorded", extra={"instance_id": record.id, "reason": str(exc)})
+            return
+        logger.warning(
+            "instance failed",
+            extra={"instance_id": record.id, "sop_instance_uid": record.sop_instance_uid, "reason": reason},
+        )

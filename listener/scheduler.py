@@ -1,0 +1,243 @@
+"""Periodic jobs of the node (APScheduler, one background thread pool).
+
+- ``complete_series``: groups idle for ``series_idle_seconds`` -> SR built from the
+  source headers in the spool -> written to ``reports_dir`` -> one outbox row per
+  destination (pending);
+- ``dispatch``: due outbox rows -> C-STORE -> sent, or retrying with backoff, or dead;
+- ``retention``: spool files of delivered instances are deleted;
+- ``requeue_stuck``: instances / reports left in analysing / sending too long go back.
+
+Every job reads its work from the database and keeps nothing between runs, so a
+restart resumes where the last one stopped. ``max_instances=1`` and
+``coalesce=True`` keep one run of a job at a time, however slow it is.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter
+from datetime import datetime, timedelta, timezone
+from typing import Any
+
+from apscheduler.executors.pool import ThreadPoolExecutor
+from apscheduler.schedulers.background import BackgroundScheduler
+from pydicom import dcmread
+
+from listener.config import NodeConfig
+from listener.dispatch import Dispatcher
+from listener.report import AlgorithmInfo, ReportError, ReportItem, build_report, write_report
+from storage.errors import DatabaseUnavailableError, InvalidTransitionError, NotFoundError, SpoolError
+
+logger = logging.getLogger(__name__)
+
+# An instance claimed this many times without a result (its worker died each time) is failed.
+MAX_ANALYSIS_ATTEMPTS = 3
+_DISPATCH_BATCH = 20
+_RETENTION_BATCH = 1000
+
+
+def _utcnow() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+class Jobs:
+    """The job bodies, callable directly (tests, ``dski`` one-shot commands) or by the scheduler."""
+
+    def __init__(self, cfg: NodeConfig, repo: Any, spool: Any, dispatcher: Dispatcher) -> None:
+        self.cfg = cfg
+        self.repo = repo
+        self.spool = spool
+        self.dispatcher = dispatcher
+        # groups whose SR cannot be built, keyed with their instance ids: reported once, not every tick
+        self._broken: dict[tuple[str, str | None], tuple[int, ...]] = {}
+
+    # -- series completion ----------------------------------------------------------
+
+    def complete_series(self) -> int:
+        """Build and queue the SR of every ready group; returns the number of SRs queued."""
+        processing = self.cfg.processing
+        queued = 0
+        for group in self.repo.ready_groups(processing.series_idle_seconds, processing.report_scope):
+            key = (group.study_instance_uid, group.series_instance_uid)
+            if self._broken.get(key) == group.instance_ids:
+                continue
+            try:
+                queued += self._report_group(group)
+                self._broken.pop(key, None)
+            except (ReportError, OSError, SpoolError, ValueError) as exc:
+                self._broken[key] = group.instance_ids
+                logger.error(
+                    "cannot build report",
+                    extra={
+                        "study_instance_uid": group.study_instance_uid,
+                        "series_instance_uid": group.series_instance_uid,
+                        "error": str(exc),
+                    },
+                )
+        return queued
+
+    def _report_group(self, group: Any) -> int:
+        records = self.repo.instances_for(group.instance_ids)
+        verdicts = self.repo.verdicts_for(group.instance_ids)
+        items: list[ReportItem] = []
+        used: list[int] = []
+        for record in records:
+            verdict = verdicts.get(record.id)
+            if verdict is None:
+                continue
+            if record.spool_path is None:
+                raise ReportError(f"instance {record.id} ({record.sop_instance_uid}): spool file already deleted")
+            header = dcmread(self.spool.resolve(record.spool_path), stop_before_pixels=True)
+            items.append(ReportItem(dataset=header, score=verdict.score, label=verdict.label, threshold=verdict.threshold))
+            used.append(record.id)
+        if not items:
+            return 0
+        # normally one model version per group; after a model upgrade mid-series, the newest wins
+        newest = max((verdicts[i] for i in used), key=lambda v: (v.created_at or _utcnow(), v.id))
+        versions = Counter(verdicts[i].model_version for i in used)
+        if len(versions) > 1:
+            logger.warning("series scored by several model versions", extra={"versions": dict(versions)})
+        algorithm = AlgorithmInfo(name=newest.bundle_name, version=newest.bundle_version, model_version=newest.model_version)
+        sr = build_report(items, algorithm=algorithm, cfg=self.cfg.report, scope=self.cfg.processing.report_scope)
+        path = write_report(sr, self.cfg.storage.reports_dir)
+        suspected = sum(1 for item in items if item.label == "fake")
+        max_score = max(item.score for item in items)
+        queued = 0
+        for dest in self.cfg.dispatch.destinations:
+            report_id = self.repo.create_report(
+                group=group,
+                sop_instance_uid=str(sr.SOPInstanceUID),
+                series_instance_uid=str(sr.SeriesInstanceUID),
+                destination=dest.name,
+                path=str(path),
+                instance_ids=used,
+                instance_count=len(items),
+                suspected_count=suspected,
+                max_score=max_score,
+            )
+            if report_id is not None:
+                queued += 1
+        if not self.cfg.dispatch.destinations:
+            logger.warning("no dispatch destination configured: report written but not queued", extra={"path": str(path)})
+        logger.info(
+            "report queued",
+            extra={
+                "sop_instance_uid": str(sr.SOPInstanceUID),
+                "study_instance_uid": group.study_instance_uid,
+                "series_instance_uid": group.series_instance_uid,
+                "images": len(items),
+                "suspected": suspected,
+                "path": str(path),
+            },
+        )
+        return queued
+
+    # -- dispatch --------------------------------------------------------------------------
+
+    def dispatch(self) -> int:
+        """Send every due report; returns the number delivered."""
+        delivered = 0
+        while True:
+            reports = self.repo.claim_due_reports(_utcnow(), _DISPATCH_BATCH)
+            if not reports:
+                return delivered
+            for report in reports:
+                delivered += self._send(report)
+            if len(reports) < _DISPATCH_BATCH:
+                return delivered
+
+    def _send(self, report: Any) -> int:
+        try:
+            dest = self.dispatcher.destination(report.destination)
+        except KeyError as exc:
+            self.repo.mark_report_failed(report.id, str(exc), None)
+            return 0
+        result = self.dispatcher.deliver(report.path, dest)
+        if result.ok:
+            self.repo.mark_report_sent(report.id)
+            return 1
+        when = self.dispatcher.next_attempt(report.attempts + 1, _utcnow())
+        status = self.repo.mark_report_failed(report.id, result.error or "unknown error", when)
+        logger.warning(
+            "report not delivered",
+            extra={"report_id": report.id, "destination": dest.name, "status": status, "next_attempt_at": when},
+        )
+        return 0
+
+    # -- retention -----------------------------------------------------------------------------
+
+    def retention(self) -> int:
+        """Delete spool files no longer needed; returns the number deleted."""
+        policy = self.cfg.retention
+        if not policy.delete_spool_after_delivery:
+            return 0
+        before = _utcnow() - timedelta(seconds=policy.keep_seconds_after_delivery)
+        deleted = 0
+        for instance_id, path in self.repo.spool_files_to_delete(before, limit=_RETENTION_BATCH):
+            try:
+                self.spool.delete(path)
+            except SpoolError as exc:
+                logger.error("cannot delete spool file", extra={"instance_id": instance_id, "error": str(exc)})
+                continue
+            try:
+                self.repo.mark_spool_deleted(instance_id)
+            except NotFoundError:
+                continue
+            deleted += 1
+        if deleted:
+            logger.info("spool files deleted", extra={"count": deleted})
+        return deleted
+
+    # -- stuck work --------------------------------------------------------------------------
+
+    def requeue_stuck(self) -> int:
+        older = timedelta(seconds=self.cfg.processing.stuck_after_seconds)
+        return self.repo.requeue_in_progress(older, max_attempts=MAX_ANALYSIS_ATTEMPTS)
+
+
+def _guarded(name: str, body: Any) -> Any:
+    def run() -> None:
+        try:
+            body()
+        except DatabaseUnavailableError as exc:
+            logger.error("job skipped: database unavailable", extra={"job": name, "error": str(exc)})
+        except InvalidTransitionError as exc:
+            logger.warning("job raced with another writer", extra={"job": name, "error": str(exc)})
+        except Exception:
+            logger.exception("job failed", extra={"job": name})
+
+    run.__name__ = name
+    return run
+
+
+class NodeScheduler:
+    """The BackgroundScheduler with the node's four jobs."""
+
+    def __init__(self, jobs: Jobs) -> None:
+        self.jobs = jobs
+        cfg = jobs.cfg
+        self._scheduler = BackgroundScheduler(
+            executors={"default": ThreadPoolExecutor(max_workers=4)},
+            job_defaults={"max_instances": 1, "coalesce": True, "misfire_grace_time": None},
+            timezone=timezone.utc,
+        )
+        plan = [
+            ("complete_series", jobs.complete_series, cfg.processing.poll_interval_seconds),
+            ("dispatch", jobs.dispatch, cfg.dispatch.interval_seconds),
+            ("retention", jobs.retention, cfg.retention.interval_seconds),
+            ("requeue_stuck", jobs.requeue_stuck, max(cfg.processing.stuck_after_seconds / 4, 1.0)),
+        ]
+        for name, body, seconds in plan:
+            self._scheduler.add_job(_guarded(name, body), "interval", seconds=seconds, id=name, name=name)
+
+    def start(self) -> None:
+        self._scheduler.start()
+
+    def run_now(self, job_id: str) -> None:
+        """Bring a job's next run forward to now (e.g. dispatch after ``dski outbox retry``)."""
+        self._scheduler.modify_job(job_id, next_run_time=_utcnow())
+
+    def shutdown(self) -> None:
+        """Stop scheduling and wait for running jobs to finish (a send in progress completes)."""
+        if self._scheduler.running:
+            self._scheduler.shutdown(wait=True)

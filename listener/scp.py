@@ -1,0 +1,529 @@
+"""The node's DICOM listener: C-ECHO and C-STORE for every storage SOP class.
+
+Durable acknowledgement: the C-STORE handler runs in the association's thread and
+returns its status only after
+
+1. the encoded bytes exactly as received (plus a File Meta header) are in the spool:
+   temporary name, fsync, atomic rename, folder fsync (``storage.spool.Spool.store``);
+2. the ``instances`` row pointing at that file is committed
+   (``storage.repository.Repository.record_received``).
+
+pynetdicom sends the C-STORE response only when the handler returns, so a crash at
+any point before step 2 completes leaves the sender without a success status (it
+will send again) and at worst an orphan spool file that start-up reconciliation
+adopts or quarantines. The dataset is never decoded here: only a few header
+elements are parsed from the bytes, and the pixel data is not touched.
+
+Rejected objects (not parseable, missing or malformed UIDs, over the pixel limit)
+get a failure status and are NOT kept: the sender still holds them and owns the
+retry or the alarm, and keeping unacknowledged bytes from a faulty or hostile peer
+would let it fill the disk. The log line names the calling AE, the size, the
+sha256 and the reason, which is what an auditor needs to find the object at the
+sender.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import ipaddress
+import logging
+import re
+import socket
+import ssl
+import threading
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from io import BytesIO
+from typing import Any, Protocol
+
+from pydicom import dcmread
+from pydicom.dataset import Dataset
+from pydicom.errors import InvalidDicomError
+from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, evt
+from pynetdicom.presentation import AllStoragePresentationContexts, StoragePresentationContexts
+from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
+from pynetdicom.transport import ThreadedAssociationServer
+
+from listener.classify import Classification, classify
+from listener.config import ListenerConfig, NodeConfig, ReportConfig
+from storage.errors import DatabaseUnavailableError, SpoolError, SpoolFullError
+
+logger = logging.getLogger(__name__)
+
+# DIMSE statuses of the Storage service (PS3.4 B.2.3).
+STATUS_SUCCESS = 0x0000
+STATUS_OUT_OF_RESOURCES = 0xA700
+STATUS_SOP_CLASS_MISMATCH = 0xA900
+STATUS_CANNOT_UNDERSTAND = 0xC000  # not a parseable DICOM dataset
+STATUS_BAD_UID = 0xC001  # a required UID is missing or malformed
+STATUS_UID_MISMATCH = 0xC002  # the dataset's SOP Instance UID differs from the command's
+STATUS_TOO_LARGE = 0xC003  # Rows x Columns x Frames over listener.max_pixels
+STATUS_PROCESSING_FAILURE = 0x0110
+
+# Everything the listener, the classifier and is_own_report read from a header.
+HEADER_TAGS: tuple[str, ...] = (
+    "SpecificCharacterSet",
+    "SOPClassUID",
+    "SOPInstanceUID",
+    "StudyInstanceUID",
+    "SeriesInstanceUID",
+    "PatientID",
+    "Modality",
+    "Manufacturer",
+    "SeriesDescription",
+    "CodingSchemeIdentificationSequence",
+    "Rows",
+    "Columns",
+    "NumberOfFrames",
+)
+
+_UID = re.compile(r"[0-9]+(\.[0-9]+)*")
+
+
+class InvalidObjectError(Exception):
+    """A received object the node refuses; ``status`` is the DIMSE status to answer with."""
+
+    def __init__(self, status: int, reason: str) -> None:
+        super().__init__(reason)
+        self.status = status
+        self.reason = reason
+
+
+@dataclass(frozen=True)
+class ObjectHeader:
+    """The few attributes the listener needs, validated."""
+
+    sop_class_uid: str
+    sop_instance_uid: str
+    study_instance_uid: str
+    series_instance_uid: str
+    transfer_syntax_uid: str
+    patient_id: str | None
+    modality: str | None
+    pixels: int | None  # Rows x Columns x Frames, None when there is no image matrix
+    dataset: Dataset  # the parsed header elements, for classification
+
+
+def valid_uid(value: object) -> str | None:
+    """The UID with DICOM padding removed, or None when it is not a UID (charset, length)."""
+    if value is None:
+        return None
+    text = str(value).rstrip("\x00 ").strip()
+    if not text or len(text) > 64 or not _UID.fullmatch(text):
+        return None
+    return text
+
+
+def _text(ds: Dataset, keyword: str, limit: int) -> str | None:
+    value = ds.get(keyword)
+    if value is None:
+        return None
+    text = str(value).replace("\x00", "").strip()
+    return text[:limit] or None
+
+
+def _int(ds: Dataset, keyword: str) -> int | None:
+    value = ds.get(keyword)
+    if value is None or value == "":
+        return None
+    try:
+        return int(value)
+    except (TypeError, ValueError) as exc:
+        raise InvalidObjectError(STATUS_CANNOT_UNDERSTAND, f"{keyword} is not a number: {value!r}") from exc
+
+
+def parse_header(data: bytes, *, max_pixels: int) -> ObjectHeader:
+    """Parse and check the header of an encoded DICOM file (preamble + meta + dataset).
+
+    Reads only ``HEADER_TAGS`` and stops before the pixel data; raises
+    ``InvalidObjectError`` with the status to answer.
+    """
+    try:
+        ds = dcmread(BytesIO(data), stop_before_pixels=True, specific_tags=list(HEADER_TAGS))
+        # values are decoded lazily: touch them here so that a malformed one fails now
+        for keyword in HEADER_TAGS:
+            ds.get(keyword)
+        transfer_syntax = str(ds.file_meta.get("TransferSyntaxUID", "") or "")
+    except InvalidObjectError:
+        raise
+    except (InvalidDicomError, EOFError, ValueError, KeyError, TypeError, OverflowError, LookupError, OSError) as exc:
+        raise InvalidObjectError(STATUS_CANNOT_UNDERSTAND, f"not a readable DICOM dataset: {exc}") from exc
+    except Exception as exc:  # pydicom raises a wide range on hostile input; none may kill the handler
+        raise InvalidObjectError(STATUS_CANNOT_UNDERSTAND, f"not a readable DICOM dataset: {type(exc).__name__}: {exc}") from exc
+
+    uids: dict[str, str] = {}
+    for keyword in ("SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID"):
+        raw = ds.get(keyword)
+        uid = valid_uid(raw)
+        if uid is None:
+            what = "missing" if raw in (None, "") else f"not a valid UID: {str(raw)[:80]!r}"
+            raise InvalidObjectError(STATUS_BAD_UID, f"{keyword} {what}")
+        uids[keyword] = uid
+
+    try:
+        rows, columns = _int(ds, "Rows"), _int(ds, "Columns")
+        frames = _int(ds, "NumberOfFrames") or 1
+        pixels = None
+        if rows is not None and columns is not None:
+            if rows < 0 or columns < 0 or frames < 0:
+                raise InvalidObjectError(STATUS_CANNOT_UNDERSTAND, f"negative image size {rows}x{columns}x{frames}")
+            pixels = rows * columns * frames
+            if pixels > max_pixels:
+                raise InvalidObjectError(
+                    STATUS_TOO_LARGE, f"image {rows}x{columns}x{frames} exceeds the limit of {max_pixels} pixels"
+                )
+        patient_id = _text(ds, "PatientID", 64)
+        modality = _text(ds, "Modality", 16)
+    except InvalidObjectError:
+        raise
+    except Exception as exc:
+        raise InvalidObjectError(STATUS_CANNOT_UNDERSTAND, f"unreadable header value: {type(exc).__name__}: {exc}") from exc
+
+    return ObjectHeader(
+        sop_class_uid=uids["SOPClassUID"],
+        sop_instance_uid=uids["SOPInstanceUID"],
+        study_instance_uid=uids["StudyInstanceUID"],
+        series_instance_uid=uids["SeriesInstanceUID"],
+        transfer_syntax_uid=valid_uid(transfer_syntax) or "",
+        patient_id=patient_id,
+        modality=modality,
+        pixels=pixels,
+        dataset=ds,
+    )
+
+
+# --------------------------------------------------------------------------- storage seam
+
+
+class SpoolLike(Protocol):
+    def store(self, data: bytes) -> Any: ...
+
+    def delete(self, path: Any) -> bool: ...
+
+
+class RepositoryLike(Protocol):
+    def record_received(self, **kwargs: Any) -> Any: ...
+
+
+def _status(code: int, comment: str) -> Dataset:
+    """A status dataset with an Error Comment (LO: at most 64 characters) for the sender's log."""
+    rsp = Dataset()
+    rsp.Status = code
+    if code != STATUS_SUCCESS and comment:
+        rsp.ErrorComment = comment.replace("\\", "/")[:64]
+    return rsp
+
+
+class StoreHandler:
+    """The C-STORE handler. Holds only immutable references, so pynetdicom may call
+    it from many association threads at once; Spool and Repository are thread-safe."""
+
+    def __init__(
+        self,
+        spool: SpoolLike,
+        repo: RepositoryLike,
+        *,
+        max_pixels: int,
+        report_cfg: ReportConfig,
+        on_stored: Callable[[], None] | None = None,
+    ) -> None:
+        self._spool = spool
+        self._repo = repo
+        self._max_pixels = max_pixels
+        self._report_cfg = report_cfg
+        self._on_stored = on_stored  # e.g. wake the workers; called after the commit
+
+    def __call__(self, event: evt.Event) -> Dataset:
+        calling_ae = str(event.assoc.requestor.ae_title or "").strip()
+        peer = f"{event.assoc.requestor.address}:{event.assoc.requestor.port}"
+        try:
+            data = event.encoded_dataset(include_meta=True)
+        except Exception as exc:  # pragma: no cover - pynetdicom hands us a request without a data set
+            logger.error("C-STORE without a data set", extra={"calling_ae": calling_ae, "error": str(exc)})
+            return _status(STATUS_CANNOT_UNDERSTAND, "no data set")
+        try:
+            return self._store(event, data, calling_ae, peer)
+        except Exception as exc:  # a bug must cost one store, never the association thread
+            logger.exception("C-STORE handler failed", extra={"calling_ae": calling_ae, "peer": peer})
+            return _status(STATUS_PROCESSING_FAILURE, f"processing failure: {type(exc).__name__}")
+
+    def _store(self, event: evt.Event, data: bytes, calling_ae: str, peer: str) -> Dataset:
+        try:
+            header = parse_header(data, max_pixels=self._max_pixels)
+            command_sop_instance = valid_uid(event.request.AffectedSOPInstanceUID)
+            command_sop_class = valid_uid(event.request.AffectedSOPClassUID)
+            if command_sop_class and command_sop_class != header.sop_class_uid:
+                raise InvalidObjectError(
+                    STATUS_SOP_CLASS_MISMATCH,
+                    f"data set SOP class {header.sop_class_uid} differs from the request's {command_sop_class}",
+                )
+            if command_sop_instance and command_sop_instance != header.sop_instance_uid:
+                raise InvalidObjectError(
+                    STATUS_UID_MISMATCH,
+                    f"data set SOP instance {header.sop_instance_uid} differs from the request's {command_sop_instance}",
+                )
+        except InvalidObjectError as exc:
+            logger.warning(
+                "refused object",
+                extra={
+                    "calling_ae": calling_ae,
+                    "peer": peer,
+                    "status": f"0x{exc.status:04X}",
+                    "reason": exc.reason,
+                    "size": len(data),
+                    "sha256": hashlib.sha256(data).hexdigest(),
+                },
+            )
+            return _status(exc.status, exc.reason)
+
+        classification: Classification = classify(header.dataset, self._report_cfg)
+
+        try:
+            entry = self._spool.store(data)
+        except SpoolFullError as exc:
+            logger.error("spool full, store refused", extra={"calling_ae": calling_ae, "reason": str(exc)})
+            return _status(STATUS_OUT_OF_RESOURCES, "out of resources: spool full")
+        except SpoolError as exc:
+            logger.error("spool write failed, store refused", extra={"calling_ae": calling_ae, "reason": str(exc)})
+            return _status(STATUS_OUT_OF_RESOURCES, "out of resources: spool write failed")
+
+        try:
+            result = self._repo.record_received(
+                sop_instance_uid=header.sop_instance_uid,
+                sop_class_uid=header.sop_class_uid,
+                study_instance_uid=header.study_instance_uid,
+                series_instance_uid=header.series_instance_uid,
+                patient_id=header.patient_id,
+                modality=header.modality,
+                transfer_syntax_uid=header.transfer_syntax_uid,
+                calling_ae=calling_ae,
+                peer_address=peer,
+                spool_path=str(entry.path),
+                sha256=entry.sha256,
+                size_bytes=entry.size,
+                status="received" if classification.analyse else "skipped",
+                reason=None if classification.analyse else classification.reason,
+            )
+        except DatabaseUnavailableError as exc:
+            self._discard(entry.path)
+            logger.error("database unavailable, store refused", extra={"calling_ae": calling_ae, "reason": str(exc)})
+            return _status(STATUS_OUT_OF_RESOURCES, "out of resources: database unavailable")
+        except BaseException:
+            self._discard(entry.path)
+            raise
+
+        if result.duplicate:
+            # same SOP Instance UID and same bytes: already held, the new copy is redundant
+            self._discard(entry.path)
+        elif classification.analyse and self._on_stored is not None:
+            try:
+                self._on_stored()
+            except Exception:  # committed: the status must be success whatever a listener does
+                logger.exception("on_stored callback failed")
+        logger.info(
+            "stored instance",
+            extra={
+                "sop_instance_uid": header.sop_instance_uid,
+                "series_instance_uid": header.series_instance_uid,
+                "instance_id": result.instance_id,
+                "duplicate": result.duplicate,
+                "kind": classification.kind,
+                "calling_ae": calling_ae,
+            },
+        )
+        return _status(STATUS_SUCCESS, "")
+
+    def _discard(self, path: Any) -> None:
+        try:
+            self._spool.delete(path)
+        except Exception as exc:  # reconciliation quarantines what is left
+            logger.error("cannot remove spool file", extra={"path": str(path), "error": str(exc)})
+
+
+# --------------------------------------------------------------------------- association policy
+
+
+class AssociationPolicy:
+    """Calling-AE allow-list with optional host binding, checked when the request arrives.
+
+    Runs as an EVT_REQUESTED handler: pynetdicom lets it send the A-ASSOCIATE-RJ
+    itself, with "calling AE title not recognised" (permanent, service user, 3) for
+    an unknown title and for a known title from the wrong address.
+    """
+
+    def __init__(self, cfg: ListenerConfig, resolve: Callable[[str], set[str]] | None = None) -> None:
+        self._required = cfg.require_known_calling_ae
+        resolve = resolve or _resolve_host
+        allowed: dict[str, set[str] | None] = {}
+        for entry in cfg.calling_aes:
+            if entry.host is None:
+                allowed[entry.ae_title] = None  # an entry without host: any address
+            elif entry.ae_title not in allowed or allowed[entry.ae_title] is not None:
+                allowed[entry.ae_title] = (allowed.get(entry.ae_title) or set()) | resolve(entry.host)
+        self._allowed = allowed
+
+    def permits(self, calling_ae: str, address: str) -> bool:
+        if not self._required:
+            return True
+        title = calling_ae.strip()
+        if title not in self._allowed:
+            return False
+        hosts = self._allowed[title]
+        return hosts is None or _normalise_address(address) in hosts
+
+    def __call__(self, event: evt.Event) -> None:
+        assoc = event.assoc
+        calling = str(assoc.requestor.primitive.calling_ae_title or "").strip()
+        address = str(assoc.requestor.address)
+        try:
+            allowed = self.permits(calling, address)
+        except Exception:  # an error here must not let the association through
+            logger.exception("association policy failed", extra={"calling_ae": calling, "peer": address})
+            allowed = False
+        if allowed:
+            return
+        logger.warning("association rejected: calling AE not recognised", extra={"calling_ae": calling, "peer": address})
+        assoc.acse.send_reject(0x01, 0x01, 0x03)
+        assoc.kill()
+
+
+def _normalise_address(address: str) -> str:
+    try:
+        ip = ipaddress.ip_address(address.split("%", 1)[0])
+    except ValueError:
+        return address
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped
+    return str(ip)
+
+
+def _resolve_host(host: str) -> set[str]:
+    """Addresses of a configured host (an IP address or a name, resolved once at start-up)."""
+    try:
+        return {str(ipaddress.ip_address(host))}
+    except ValueError:
+        pass
+    try:
+        infos = socket.getaddrinfo(host, None)
+    except socket.gaierror as exc:
+        raise ValueError(f"listener.calling_aes: cannot resolve host {host!r}: {exc}") from exc
+    return {_normalise_address(str(info[4][0])) for info in infos}
+
+
+# --------------------------------------------------------------------------- the AE
+
+
+def storage_sop_classes() -> list[str]:
+    """Every storage SOP class pynetdicom knows, current and retired."""
+    uids = {cx.abstract_syntax for cx in AllStoragePresentationContexts}
+    uids |= {cx.abstract_syntax for cx in StoragePresentationContexts}
+    return sorted(str(u) for u in uids if u)
+
+
+def _server_ssl_context(cfg: ListenerConfig) -> ssl.SSLContext | None:
+    tls = cfg.tls
+    if not tls.enabled:
+        return None
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    context.load_cert_chain(str(tls.certificate), str(tls.private_key))
+    if tls.ca_certificates is not None:
+        context.load_verify_locations(cafile=str(tls.ca_certificates))
+    context.verify_mode = ssl.CERT_REQUIRED if tls.require_client_certificate else (
+        ssl.CERT_OPTIONAL if tls.ca_certificates is not None else ssl.CERT_NONE
+    )
+    return context
+
+
+def build_ae(cfg: ListenerConfig) -> AE:
+    ae = AE(ae_title=cfg.ae_title)
+    ae.add_supported_context(Verification, ALL_TRANSFER_SYNTAXES)
+    for uid in storage_sop_classes():
+        ae.add_supported_context(uid, ALL_TRANSFER_SYNTAXES)
+    # pynetdicom's own check stays as a second line behind AssociationPolicy
+    if cfg.require_known_calling_ae and cfg.calling_aes:
+        ae.require_calling_aet = sorted({c.ae_title for c in cfg.calling_aes})
+    ae.require_called_aet = cfg.require_called_ae_title
+    ae.maximum_associations = cfg.max_associations
+    ae.acse_timeout = cfg.acse_timeout_seconds
+    ae.dimse_timeout = cfg.dimse_timeout_seconds
+    ae.network_timeout = cfg.network_timeout_seconds
+    ae.maximum_pdu_size = cfg.max_pdu_bytes
+    return ae
+
+
+class StorageSCP:
+    """The listening AE: ``start()`` returns once the port is bound; ``stop()`` drains."""
+
+    def __init__(
+        self, cfg: NodeConfig, spool: SpoolLike, repo: RepositoryLike, *, on_stored: Callable[[], None] | None = None
+    ) -> None:
+        self._cfg = cfg.listener
+        self._policy = AssociationPolicy(cfg.listener)
+        self._handler = StoreHandler(
+            spool, repo, max_pixels=cfg.listener.max_pixels, report_cfg=cfg.report, on_stored=on_stored
+        )
+        self._ae = build_ae(cfg.listener)
+        self._server: ThreadedAssociationServer | None = None
+        self._lock = threading.Lock()
+
+    @property
+    def address(self) -> tuple[str, int]:
+        if self._server is None:
+            raise RuntimeError("the listener is not running")
+        host, port = self._server.server_address[:2]
+        return str(host), int(port)
+
+    def start(self, extra_handlers: Sequence[tuple[Any, Callable[..., Any]]] = ()) -> None:
+        """Bind and serve in pynetdicom's threads; ``extra_handlers`` are (event, handler) pairs
+        bound as well (notification events: observers, e.g. in tests)."""
+        with self._lock:
+            if self._server is not None:
+                return
+            handlers = [
+                (evt.EVT_REQUESTED, self._policy),
+                (evt.EVT_C_ECHO, _handle_echo),
+                (evt.EVT_C_STORE, self._handler),
+                *extra_handlers,
+            ]
+            self._server = self._ae.start_server(
+                (self._cfg.host, self._cfg.port),
+                block=False,
+                evt_handlers=handlers,
+                ssl_context=_server_ssl_context(self._cfg),
+            )
+        logger.info(
+            "listening",
+            extra={"ae_title": self._cfg.ae_title, "host": self._cfg.host, "port": self.address[1]},
+        )
+
+    def active_associations(self) -> int:
+        return len([a for a in self._ae.active_associations if a.is_acceptor])
+
+    def stop(self, grace_seconds: float | None = None) -> None:
+        """Stop accepting associations, let open ones finish (up to the grace period), then abort the rest.
+
+        A store whose handler is running when the association is aborted still
+        completes its write and commit; only its response is lost, so the sender
+        re-sends and the copy is recognised as a duplicate.
+        """
+        grace = self._cfg.shutdown_grace_seconds if grace_seconds is None else grace_seconds
+        with self._lock:
+            server, self._server = self._server, None
+        if server is None:
+            return
+        server.shutdown()  # closes the listening socket: no new association from here
+        deadline = threading.Event()
+        waited = 0.0
+        while self.active_associations() and waited < grace:
+            deadline.wait(0.1)
+            waited += 0.1
+        remaining = [a for a in self._ae.active_associations if a.is_acceptor]
+        for assoc in remaining:
+            logger.warning("aborting association at shutdown", extra={"calling_ae": assoc.requestor.ae_title})
+            assoc.abort()
+        logger.info("listener stopped", extra={"aborted": len(remaining)})
+
+
+def _handle_echo(event: evt.Event) -> int:
+    return STATUS_SUCCESS
