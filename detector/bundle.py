@@ -27,7 +27,7 @@ import re
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
@@ -38,7 +38,7 @@ from detector.backbone import sha256_file
 from detector.errors import BundleError
 from detector.preprocess import PreprocessConfig
 from detector.retrieval import BankFormatError, SupportBank
-from detector.spec import ModelSpec
+from detector.spec import CLIP_METHODS, ModelSpec
 
 logger = logging.getLogger(__name__)
 
@@ -61,6 +61,22 @@ class RetrievalSettings(BaseModel):
     temperature: float = Field(0.05, gt=0.0)
 
 
+class BankEvent(BaseModel):
+    """One change of the support bank, as recorded in ``Manifest.bank_history`` (append-only)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    time: str                                   # UTC ISO time of the change
+    action: Literal["train", "add", "remove"]   # train: the bank built by ``dski train``
+    label: str | None = None                    # criteria of the change (None: not restricted)
+    generator: str | None = None
+    modality: str | None = None
+    ids: list[int] | None = None                # entry ids added or asked to be removed
+    count: int = Field(ge=0)                    # entries added or removed
+    bank_size: int = Field(ge=0)                # entries after the change
+    bank_digest: str = Field(pattern=r"^[0-9a-f]{64}$")  # ``SupportBank.digest()`` after the change
+
+
 class Manifest(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -71,11 +87,15 @@ class Manifest(BaseModel):
     method: str
     spec: ModelSpec
     preprocess: PreprocessConfig
-    threshold: float = Field(ge=0.0, le=1.0)
+    threshold: float = Field(ge=0.0, le=1.0)           # for the fused (with MFRM) score
+    # Chosen the same way for the classifier score alone (λ = 0), so that "without MFRM"
+    # accuracies are not judged at a threshold tuned for the fused score. None: older bundle.
+    classifier_threshold: float | None = Field(None, ge=0.0, le=1.0)
     retrieval: RetrievalSettings
     embedding_dim: int = Field(ge=1)
     backbone_weights_included: bool
     weights_sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+    bank_history: list[BankEvent] = []  # every bank change since the bundle was written, oldest first
     training: dict[str, Any] = {}
     metrics: dict[str, Any] = {}
     clinical_use: str = CLINICAL_USE_NOTE
@@ -106,8 +126,18 @@ class LoadedBundle:
 
     @property
     def model_version(self) -> str:
-        m = self.manifest
-        return f"{m.name}@{m.version}+{m.weights_sha256[:12]}"
+        return model_version(self.manifest, self.bank)
+
+
+def model_version(manifest: Manifest, bank: SupportBank) -> str:
+    """``<name>@<version>+w<weights sha256[:12]>.b<bank digest[:8]>``.
+
+    The node derives SR UIDs from this string, so it must change whenever scores can
+    change: new weights, or a ``dski bank add/remove`` (which leaves weights and
+    version alone). The bank digest is computed from the bank in memory, i.e. the
+    one that scores.
+    """
+    return f"{manifest.name}@{manifest.version}+w{manifest.weights_sha256[:12]}.b{bank.digest()[:8]}"
 
 
 def _is_frozen_key(model: torch.nn.Module, key: str) -> bool:
@@ -116,7 +146,8 @@ def _is_frozen_key(model: torch.nn.Module, key: str) -> bool:
 
 
 def _omit_backbone(spec: ModelSpec) -> bool:
-    return spec.backbone.checkpoint is not None
+    # npr and cnnspot have no CLIP backbone: every tensor they need is in the weights file.
+    return spec.method in CLIP_METHODS and spec.backbone.checkpoint is not None
 
 
 def bundle_state_dict(model: torch.nn.Module, spec: ModelSpec) -> dict[str, torch.Tensor]:
@@ -156,6 +187,7 @@ def save_bundle(
     name: str,
     version: str,
     threshold: float,
+    classifier_threshold: float | None = None,
     retrieval: RetrievalSettings | None = None,
     bank: SupportBank | None = None,
     training: dict[str, Any] | None = None,
@@ -189,6 +221,7 @@ def save_bundle(
         spec=spec,
         preprocess=preprocess,
         threshold=float(threshold),
+        classifier_threshold=None if classifier_threshold is None else float(classifier_threshold),
         retrieval=retrieval or RetrievalSettings(),
         embedding_dim=dim,
         backbone_weights_included=not _omit_backbone(spec),
@@ -231,6 +264,8 @@ def update_manifest(path: Path | str, **changes: Any) -> Manifest:
     path = Path(path)
     manifest = read_manifest(path)
     updated = Manifest.model_validate({**manifest.model_dump(mode="json"), **changes})
+    if updated.bank_history[:len(manifest.bank_history)] != manifest.bank_history:
+        raise ValueError("bank_history is append-only: earlier events cannot be changed or removed")
     _write_json_atomic(path / MANIFEST_FILE, updated.model_dump(mode="json"))
     return updated
 
@@ -258,6 +293,26 @@ def save_bank(path: Path | str, bank: SupportBank) -> None:
         raise BundleError(path / BANK_DIR, f"bank dimension {bank.dim} != model embedding dimension "
                                            f"{manifest.embedding_dim}")
     bank.save(path / BANK_DIR)
+
+
+def record_bank_change(path: Path | str, bank: SupportBank, action: Literal["train", "add", "remove"], *,
+                       count: int, label: str | None = None, generator: str | None = None,
+                       modality: str | None = None, ids: list[int] | None = None) -> BankEvent:
+    """Save ``bank`` into the bundle and append the change to the manifest's ``bank_history``.
+
+    The bank is written first: if the process dies in between, the history misses the
+    last event (``load_bundle`` then warns) rather than naming a bank that was never saved.
+    """
+    save_bank(path, bank)
+    event = BankEvent(time=datetime.now(UTC).isoformat(timespec="seconds"), action=action, label=label,
+                      generator=generator, modality=modality, ids=ids, count=count, bank_size=len(bank),
+                      bank_digest=bank.digest())
+    manifest = read_manifest(path)
+    update_manifest(path, bank_history=[*manifest.model_dump(mode="json")["bank_history"],
+                                        event.model_dump(mode="json")])
+    logger.info("bank changed", extra={"bundle": str(path), "action": action, "count": count,
+                                       "bank_size": len(bank), "bank_digest": event.bank_digest})
+    return event
 
 
 def load_bundle(path: Path | str, device: str | torch.device = "cpu") -> LoadedBundle:
@@ -299,4 +354,9 @@ def load_bundle(path: Path | str, device: str | torch.device = "cpu") -> LoadedB
     dim = embedding_dim(model, manifest.spec)
     if dim != manifest.embedding_dim:
         raise BundleError(path / MANIFEST_FILE, f"model embeds to {dim} dimensions, manifest says {manifest.embedding_dim}")
+    if manifest.bank_history and manifest.bank_history[-1].bank_digest != bank.digest():
+        # Scores and model_version follow the bank on disk; only the audit trail is incomplete.
+        logger.warning("bank differs from the last bank_history entry: changed outside `dski bank`",
+                       extra={"bundle": str(path), "bank_digest": bank.digest(),
+                              "recorded_digest": manifest.bank_history[-1].bank_digest})
     return LoadedBundle(path=path, manifest=manifest, model=model, bank=bank)

@@ -9,15 +9,15 @@ from __future__ import annotations
 
 import functools
 import json
+import logging
 import sys
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
 
 import typer
 
-from detector.errors import DetectorError, PreprocessError
+from detector.errors import DetectorError
 
 app = typer.Typer(help="DSKI detector: train, evaluate, detect, and manage the retrieval bank.",
                   no_args_is_help=True, add_completion=False)
@@ -28,8 +28,10 @@ EXIT_FAILED_FILES = 1
 EXIT_ERROR = 2
 
 F = TypeVar("F", bound=Callable[..., Any])
+logger = logging.getLogger(__name__)
 
 BundleOpt = Annotated[Path, typer.Option("--bundle", help="bundle folder")]
+DeviceOpt = Annotated[str, typer.Option("--device", help="cpu, cuda or cuda:N (the retrieval bank stays on the CPU)")]
 
 
 def _fail(message: str) -> typer.Exit:
@@ -75,16 +77,32 @@ def train(
     lam: Annotated[float, typer.Option("--lambda", min=0.0, max=1.0, help="retrieval fusion weight")] = 0.3,
     k: Annotated[int, typer.Option("--k", min=1, help="retrieval neighbours")] = 8,
     temperature: Annotated[float, typer.Option("--temperature", min=1e-6)] = 0.05,
+    cdfa_blocks: Annotated[str | None, typer.Option(
+        "--cdfa-blocks", help="dski: comma-separated ViT block indices for CDFA, e.g. 2,5,8")] = None,
+    cdfa_num_blocks: Annotated[int | None, typer.Option(
+        "--cdfa-num-blocks", min=1, help="dski: number of evenly spaced CDFA blocks [default: 3]")] = None,
+    bottleneck: Annotated[int | None, typer.Option(
+        "--bottleneck", min=1, help="dski: adapter bottleneck width [default: 16]")] = None,
+    context_tokens: Annotated[int | None, typer.Option(
+        "--context-tokens", min=0, help="dski: learnable prompt context tokens [default: 4]")] = None,
+    noise_crop: Annotated[int, typer.Option(
+        "--noise-crop", min=8, help="side of the native-resolution crop of the noise branch")] = 64,
+    max_frames: Annotated[int, typer.Option("--max-frames", min=1, help="frames sampled per object")] = 4,
+    device: DeviceOpt = "cpu",
     progress: Annotated[bool, typer.Option("--progress/--no-progress")] = True,
 ) -> None:
-    """Train a detector and write its bundle."""
+    """Train a detector and write its bundle (the image size comes from the backbone's open_clip config)."""
     from detector.bundle import RetrievalSettings
+    from detector.train import parse_blocks
     from detector.train import train as run_train
 
     result = run_train(data, out, method=method, backbone=backbone, checkpoint=checkpoint, epochs=epochs,
                        holdout_generators=holdout_generators, seed=seed, batch_size=batch_size, lr=lr,
                        resume=resume, overwrite=overwrite, name=name, version=version,
-                       retrieval=RetrievalSettings(k=k, lam=lam, temperature=temperature), progress=progress)
+                       retrieval=RetrievalSettings(k=k, lam=lam, temperature=temperature),
+                       cdfa_blocks=parse_blocks(cdfa_blocks), cdfa_num_blocks=cdfa_num_blocks,
+                       bottleneck=bottleneck, context_tokens=context_tokens, noise_crop=noise_crop,
+                       max_frames=max_frames, device=device, progress=progress)
     val = result.validation["with_mfrm"]["overall"]
     typer.echo(f"bundle {result.bundle} ({result.manifest.name}@{result.manifest.version}), "
                f"epochs {result.epochs}, threshold {result.threshold:.4f}, "
@@ -95,7 +113,8 @@ def _print_report(report: dict[str, Any]) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    table = Table(title=f"{report['bundle']['model_version']} at threshold {report['threshold']:.4f}")
+    table = Table(title=f"{report['bundle']['model_version']} at threshold {report['threshold']:.4f} "
+                        f"(without MFRM: {report['classifier_threshold']:.4f})")
     for col in ("group", "MFRM", "n real", "n fake", "real acc", "fake acc", "acc", "AP", "AUC"):
         table.add_column(col)
     for tag, key in (("yes", "with_mfrm"), ("no", "without_mfrm")):
@@ -115,11 +134,12 @@ def evaluate(
     json_out: Annotated[Path | None, typer.Option("--json", help="write the full report as JSON")] = None,
     plots: Annotated[Path | None, typer.Option("--plots", help="folder for ROC and histogram PNGs")] = None,
     batch_size: Annotated[int, typer.Option("--batch-size", min=1)] = 16,
+    device: DeviceOpt = "cpu",
 ) -> None:
     """Per modality and per generator metrics, with and without retrieval."""
     from detector.evaluate import evaluate as run_evaluate
 
-    report = run_evaluate(bundle, data, json_out=json_out, plots_dir=plots, batch_size=batch_size)
+    report = run_evaluate(bundle, data, json_out=json_out, plots_dir=plots, batch_size=batch_size, device=device)
     _print_report(report)
     for err in report["errors"]:
         typer.echo(f"skipped {err['path']}: {err['error']}", err=True)
@@ -131,29 +151,44 @@ def detect(
     bundle: BundleOpt,
     paths: Annotated[list[Path], typer.Argument(help="DICOM or image files")],
     modality: Annotated[str | None, typer.Option("--modality", help="override the modality")] = None,
+    batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="files per forward pass")] = 16,
+    device: DeviceOpt = "cpu",
 ) -> None:
-    """Score files: one JSON line per file; exit status 1 if any file failed."""
-    from detector.detector import Detector
-    from detector.preprocess import prepare_file
+    """Score files: one JSON line per file (a score or an error with its reason); exit status 1 if any failed."""
+    from detector.detector import Detector, FileVerdict
 
-    detector = Detector.load(bundle)
-    failed = 0
-    for path in paths:
+    detector = Detector.load(bundle, device=device, batch_size=batch_size)
+
+    def score(chunk: list[Path]) -> list[FileVerdict | tuple[Path, Exception]]:
         try:
-            t0 = time.perf_counter()
-            image = prepare_file(path, detector.preprocess_config, modality=modality)
-            verdict = detector.score_prepared([image])[0]
-            ms = (time.perf_counter() - t0) * 1000.0
-            line = {"path": str(path), "sop_instance_uid": image.sop_instance_uid, "modality": image.modality,
-                    "score": round(verdict.score, 6), "label": verdict.label,
-                    "classifier_score": round(verdict.classifier_score, 6),
-                    "retrieval_score": None if verdict.retrieval_score is None else round(verdict.retrieval_score, 6),
-                    "frames": verdict.frames_scored, "bundle_version": verdict.bundle_version,
-                    "model_version": verdict.model_version, "ms": round(ms, 2)}
-        except PreprocessError as exc:
-            failed += 1
-            line = {"path": str(path), "error": exc.reason}
-        typer.echo(json.dumps(line))
+            return list(detector.score_files(chunk, modality=modality))
+        except Exception as exc:  # not a PreprocessError (those come back per file): an unexpected failure
+            if len(chunk) == 1:  # one line with the reason, never a traceback; the log has the stack
+                logger.exception("cannot score file", extra={"source": str(chunk[0])})
+                return [(chunk[0], exc)]
+        # Retry file by file, so that the other files of the chunk still get their verdicts.
+        return [r for p in chunk for r in score([p])]
+
+    failed = 0
+    for start in range(0, len(paths), batch_size):
+        for r in score(paths[start:start + batch_size]):
+            if isinstance(r, tuple):
+                failed += 1
+                line: dict[str, Any] = {"path": str(r[0]), "error": f"{type(r[1]).__name__}: {r[1]}",
+                                        "error_type": type(r[1]).__name__}
+            elif r.verdict is None:
+                failed += 1
+                assert r.error is not None
+                line = {"path": r.path, "error": r.error.reason, "error_type": type(r.error).__name__}
+            else:
+                v = r.verdict
+                line = {"path": r.path, "sop_instance_uid": r.sop_instance_uid, "modality": r.modality,
+                        "score": round(v.score, 6), "label": v.label,
+                        "classifier_score": round(v.classifier_score, 6),
+                        "retrieval_score": None if v.retrieval_score is None else round(v.retrieval_score, 6),
+                        "frames": v.frames_scored, "bundle_version": v.bundle_version,
+                        "model_version": v.model_version, "ms": round(v.elapsed_ms, 2)}
+            typer.echo(json.dumps(line))
     if failed:
         typer.echo(f"error: {failed} of {len(paths)} file(s) could not be scored", err=True)
         raise typer.Exit(EXIT_FAILED_FILES)
@@ -169,7 +204,7 @@ def bank_add(
     modality: Annotated[str | None, typer.Option("--modality", help="modality (default: from the file)")] = None,
 ) -> None:
     """Add support images to the bank, without retraining. All files must prepare, or nothing is added."""
-    from detector.bundle import save_bank
+    from detector.bundle import record_bank_change
     from detector.detector import Detector
     from detector.preprocess import prepare_file
     from detector.retrieval import SupportEntry
@@ -185,8 +220,10 @@ def bank_add(
     entries = [SupportEntry(label, img.modality, generator, str(f))  # type: ignore[arg-type]
                for img, f in zip(images, files)]
     ids = detector.bank.add(emb, entries)
-    save_bank(bundle, detector.bank)
-    typer.echo(f"added {len(ids)} {label} image(s) (ids {ids[0]}..{ids[-1]}); bank size {len(detector.bank)}")
+    event = record_bank_change(bundle, detector.bank, "add", count=len(ids), label=label, generator=generator,
+                               modality=modality, ids=ids)
+    typer.echo(f"added {len(ids)} {label} image(s) (ids {ids[0]}..{ids[-1]}); bank size {len(detector.bank)}, "
+               f"digest {event.bank_digest[:8]}")
 
 
 @bank_app.command("list")
@@ -218,7 +255,7 @@ def bank_remove(
     ids: Annotated[list[int] | None, typer.Option("--id", help="remove this entry id (repeatable)")] = None,
 ) -> None:
     """Remove entries by generator or by id."""
-    from detector.bundle import load_bank, save_bank
+    from detector.bundle import load_bank, record_bank_change
 
     if not generator and not ids:
         raise _fail("give --generator NAME or --id N")
@@ -230,8 +267,10 @@ def bank_remove(
     removed = bank.remove(ids=ids or None, generator=generator or None)
     if removed == 0:
         raise _fail(f"no bank entry of generator {generator!r}")
-    save_bank(bundle, bank)
-    typer.echo(f"removed {removed} entr{'y' if removed == 1 else 'ies'}; bank size {len(bank)}")
+    event = record_bank_change(bundle, bank, "remove", count=removed, generator=generator or None,
+                               ids=sorted(ids) if ids else None)
+    typer.echo(f"removed {removed} entr{'y' if removed == 1 else 'ies'}; bank size {len(bank)}, "
+               f"digest {event.bank_digest[:8]}")
 
 
 def main() -> None:

@@ -6,10 +6,18 @@ bank is not empty, a retrieval probability from its k nearest support images;
 the two are fused with the bundle's λ. An image's score is the maximum fused
 probability over its frames (one manipulated frame is enough to flag the
 image); ``classifier_score`` and ``retrieval_score`` are those of that frame.
+
+Thread safety: the node's worker threads share one ``Detector``. Scoring only
+reads the model (eval mode, ``torch.inference_mode``, text embeddings cached at
+load); the CDFA noise tokens travel in a thread-local slot, and the bank builds
+its faiss index and digest once under a lock. Concurrent calls therefore give
+the same verdicts as sequential ones (tested). Changing the bank while other
+threads score is not supported.
 """
 
 from __future__ import annotations
 
+import re
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -20,10 +28,28 @@ import torch
 from pydicom.dataset import Dataset
 
 from detector.bundle import LoadedBundle, load_bundle
+from detector.errors import PreprocessError
 from detector.preprocess import PreparedImage, PreprocessConfig, prepare_dataset, prepare_file
 from detector.retrieval import SupportBank, fuse
 
 DEFAULT_BATCH_SIZE = 16
+_DEVICE = re.compile(r"^(cpu|cuda(:\d+)?)$")
+
+
+def resolve_device(name: str | torch.device) -> torch.device:
+    """``cpu``, ``cuda`` or ``cuda:N`` as a ``torch.device``; a clear ``ValueError`` when it cannot be used."""
+    if isinstance(name, torch.device):
+        name = str(name)
+    if not _DEVICE.match(name):
+        raise ValueError(f"device must be cpu, cuda or cuda:N, got {name!r}")
+    device = torch.device(name)
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"device {name!r} asked for, but CUDA is not available on this machine")
+        index = 0 if device.index is None else device.index
+        if index >= torch.cuda.device_count():
+            raise ValueError(f"device {name!r} asked for, but only {torch.cuda.device_count()} CUDA device(s) exist")
+    return device
 
 
 @dataclass(frozen=True)
@@ -36,7 +62,7 @@ class Verdict:
     frames_scored: int
     bundle_name: str
     bundle_version: str       # semantic version from the manifest
-    model_version: str        # "<bundle_name>@<bundle_version>+<weights sha256[:12]>"
+    model_version: str        # "<bundle_name>@<bundle_version>+w<weights sha256[:12]>.b<bank digest[:8]>"
     elapsed_ms: float
 
 
@@ -58,21 +84,35 @@ class FrameScores:
         return float(f[i]), i
 
 
+@dataclass(frozen=True)
+class FileVerdict:
+    """Outcome of one file of ``Detector.score_files``: a verdict, or the error that stopped it."""
+
+    path: str
+    verdict: Verdict | None
+    error: PreprocessError | None
+    sop_instance_uid: str | None = None
+    modality: str | None = None
+
+
 class Detector:
-    """A loaded bundle ready to score images; thread-compatible for read-only scoring of one call at a time."""
+    """A loaded bundle ready to score images; safe to share between threads for scoring (module docstring)."""
 
     def __init__(self, bundle: LoadedBundle, *, device: str | torch.device = "cpu",
                  batch_size: int = DEFAULT_BATCH_SIZE) -> None:
         if batch_size < 1:
             raise ValueError(f"batch_size must be positive, got {batch_size}")
         self.bundle = bundle
-        self.model = bundle.model
-        self.device = torch.device(device)
+        self.device = resolve_device(device)
+        # Parameters and buffers (the cached text embeddings too) live on the device; the faiss
+        # bank stays on the CPU, embeddings come back to it for retrieval.
+        self.model = bundle.model.to(self.device)
         self.batch_size = batch_size
 
     @classmethod
     def load(cls, path: Path | str, device: str | torch.device = "cpu",
              batch_size: int = DEFAULT_BATCH_SIZE) -> Detector:
+        device = resolve_device(device)  # fail before the (slow) load
         return cls(load_bundle(path, device=device), device=device, batch_size=batch_size)
 
     # ----------------------------------------------------------------- identity
@@ -91,6 +131,12 @@ class Detector:
     @property
     def threshold(self) -> float:
         return self.bundle.manifest.threshold
+
+    @property
+    def classifier_threshold(self) -> float:
+        """Threshold for the classifier score alone (λ = 0); the fused one for bundles that lack it."""
+        t = self.bundle.manifest.classifier_threshold
+        return self.threshold if t is None else t
 
     @property
     def lam(self) -> float:
@@ -134,13 +180,15 @@ class Detector:
         return out
 
     def _verdict(self, fs: FrameScores, elapsed_ms: float, lam: float | None = None) -> Verdict:
+        # An explicit λ = 0 asks for the classifier alone, which has its own threshold.
+        threshold = self.classifier_threshold if lam == 0.0 else self.threshold
         lam = self.lam if lam is None else lam
         score, i = fs.image_score(lam)
         score = min(max(score, 0.0), 1.0)
         return Verdict(
             score=score,
-            label="fake" if score >= self.threshold else "real",
-            threshold=self.threshold,
+            label="fake" if score >= threshold else "real",
+            threshold=threshold,
             classifier_score=float(fs.classifier[i]),
             retrieval_score=None if fs.retrieval is None else float(fs.retrieval[i]),
             frames_scored=int(fs.classifier.shape[0]),
@@ -170,6 +218,39 @@ class Detector:
         image = prepare_file(path, self.preprocess_config, modality=modality)
         fs = self.frame_scores([image])[0]
         return self._verdict(fs, (time.perf_counter() - t0) * 1000.0)
+
+    def score_files(self, paths: Sequence[Path | str], modality: str | None = None) -> list[FileVerdict]:
+        """Score many files with batched forward passes; one ``FileVerdict`` per path, in order.
+
+        A file whose pixel data cannot be used gets its ``PreprocessError`` instead of a
+        verdict; the others are still scored. ``elapsed_ms`` is the file's own preparation
+        time plus its share (by frames) of its chunk's forward time. Files are prepared
+        ``batch_size`` at a time, which bounds memory.
+        """
+        out: list[FileVerdict] = []
+        for start in range(0, len(paths), self.batch_size):
+            chunk = paths[start:start + self.batch_size]
+            results: list[FileVerdict | None] = []
+            ok: list[tuple[int, PreparedImage, float]] = []
+            for path in chunk:
+                t0 = time.perf_counter()
+                try:
+                    image = prepare_file(path, self.preprocess_config, modality=modality)
+                except PreprocessError as exc:
+                    results.append(FileVerdict(str(path), None, exc))
+                    continue
+                ok.append((len(results), image, (time.perf_counter() - t0) * 1000.0))
+                results.append(None)
+            t0 = time.perf_counter()
+            scores = self.frame_scores([image for _, image, _ in ok])
+            forward_ms = (time.perf_counter() - t0) * 1000.0
+            frames = sum(int(f.classifier.shape[0]) for f in scores) or 1
+            for (i, image, prep_ms), fs in zip(ok, scores):
+                share = forward_ms * fs.classifier.shape[0] / frames
+                results[i] = FileVerdict(str(chunk[i]), self._verdict(fs, prep_ms + share), None,
+                                         image.sop_instance_uid, image.modality)
+            out.extend(r for r in results if r is not None)
+        return out
 
     def score_dataset(self, ds: Dataset, source: str | None = None) -> Verdict:
         """Score a decoded DICOM dataset (as received over C-STORE)."""

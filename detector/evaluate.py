@@ -2,7 +2,10 @@
 
 The report holds, for the bundle's λ ("with_mfrm") and for λ = 0
 ("without_mfrm"), the metrics of ``detector.metrics.grouped_metrics`` at the
-bundle's fixed threshold. Files that cannot be prepared are listed under
+bundle's fixed thresholds: ``threshold`` for the fused score and
+``classifier_threshold`` for the classifier alone, each chosen on validation
+data at training time for that score (older bundles without one use
+``threshold`` for both). Files that cannot be prepared are listed under
 ``errors`` with their reason and left out of the metrics: never scored silently.
 """
 
@@ -57,7 +60,7 @@ def evaluate_detector(detector: Detector, samples: Sequence[Sample], *, plots_di
     scored, errors = score_samples(detector, samples, progress)
     with_mfrm = scored_samples(scored, detector.lam)
     without = scored_samples(scored, 0.0)
-    threshold = detector.threshold
+    threshold, cls_threshold = detector.threshold, detector.classifier_threshold
     report: dict[str, Any] = {
         "bundle": {
             "path": str(detector.bundle.path),
@@ -67,12 +70,13 @@ def evaluate_detector(detector: Detector, samples: Sequence[Sample], *, plots_di
             "method": detector.bundle.manifest.method,
         },
         "threshold": threshold,
+        "classifier_threshold": cls_threshold,
         "retrieval": {**detector.bundle.manifest.retrieval.model_dump(), "bank_size": len(detector.bank)},
         "data": summarise(samples),
         "n_scored": len(scored),
         "errors": errors,
         "with_mfrm": grouped_metrics(with_mfrm, threshold),
-        "without_mfrm": grouped_metrics(without, threshold),
+        "without_mfrm": grouped_metrics(without, cls_threshold),
     }
     if plots_dir is not None and scored:
         from detector.plots import evaluation_plots
@@ -82,10 +86,11 @@ def evaluate_detector(detector: Detector, samples: Sequence[Sample], *, plots_di
 
 
 def evaluate(bundle: Path | str | Detector, data: Path | str, *, json_out: Path | None = None,
-             plots_dir: Path | None = None, batch_size: int = 16,
+             plots_dir: Path | None = None, batch_size: int = 16, device: str = "cpu",
              progress: Callable[[int], None] | None = None) -> dict[str, Any]:
     """Evaluate ``bundle`` on the data set folder or CSV manifest ``data``; optionally write JSON and plots."""
-    detector = bundle if isinstance(bundle, Detector) else Detector.load(bundle, batch_size=batch_size)
+    detector = (bundle if isinstance(bundle, Detector)
+                else Detector.load(bundle, device=device, batch_size=batch_size))
     samples = discover(data)
     report = evaluate_detector(detector, samples, plots_dir=plots_dir, progress=progress)
     report["data"]["path"] = str(data)

@@ -16,10 +16,12 @@ On disk a bank is a folder with ``embeddings.npy`` (N, D) float32 and
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
 import tempfile
+import threading
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -36,6 +38,7 @@ HNSW_EF_CONSTRUCTION = 80
 HNSW_EF_SEARCH_MIN = 64
 
 BANK_FORMAT_VERSION = 1
+BANK_DIGEST_DOMAIN = b"dski-bank-digest/1\n"
 EMBEDDINGS_FILE = "embeddings.npy"
 ENTRIES_FILE = "entries.json"
 
@@ -108,6 +111,21 @@ def fuse(p_cls: np.ndarray | float, p_ret: np.ndarray | float | None, lam: float
     return (1.0 - lam) * np.asarray(p_cls, dtype=np.float64) + lam * np.asarray(p_ret, dtype=np.float64)
 
 
+def bank_digest(embeddings: np.ndarray, entries: Sequence[SupportEntry]) -> str:
+    """See ``SupportBank.digest``; the byte count is hashed first so the two parts cannot run together."""
+    emb = np.ascontiguousarray(embeddings, dtype="<f4")
+    doc = json.dumps([asdict(e) for e in entries], sort_keys=True, separators=(",", ":")).encode("utf-8")
+    h = hashlib.sha256(BANK_DIGEST_DOMAIN)
+    h.update(emb.nbytes.to_bytes(8, "little"))
+    h.update(emb.tobytes())
+    h.update(doc)
+    return h.hexdigest()
+
+
+EMPTY_BANK_DIGEST = bank_digest(np.zeros((0, 1), np.float32), [])
+"""Digest of every empty bank (no embeddings, no entries)."""
+
+
 def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
@@ -126,6 +144,9 @@ class SupportBank:
         self._entries: list[SupportEntry] = []
         self._next_id = 0
         self._index: faiss.Index | None = None
+        self._digest: str | None = None
+        # Scoring threads share one bank: the lazily built index and digest are made once, under this lock.
+        self._lazy_lock = threading.Lock()
 
     # ------------------------------------------------------------------ content
     def __len__(self) -> int:
@@ -157,7 +178,7 @@ class SupportBank:
         self._next_id += len(entries)
         self._emb = np.concatenate([self._emb, l2_normalise(emb)], axis=0)
         self._entries.extend(replace(e, id=i) for e, i in zip(entries, ids))
-        self._index = None
+        self._changed()
         return ids
 
     def remove(self, *, ids: Iterable[int] | None = None, generator: str | None = None,
@@ -178,11 +199,30 @@ class SupportBank:
         if removed:
             self._emb = self._emb[keep] if len(keep) else self._emb
             self._entries = [e for e, k in zip(self._entries, keep) if k]
-            self._index = None
+            self._changed()
         return removed
+
+    def _changed(self) -> None:
+        with self._lazy_lock:
+            self._index = None
+            self._digest = None
 
     def list(self) -> list[SupportEntry]:
         return self.entries
+
+    def digest(self) -> str:
+        """sha256 (hex) of the bank's content: embeddings bytes, then the entries as canonical JSON.
+
+        Two banks with the same digest give the same retrieval scores, so the digest
+        is part of ``model_version``: a bank edit that can change scores changes it.
+        Embeddings are hashed as little-endian float32 in row order, entries as
+        ``json.dumps([asdict(e)...], sort_keys=True, separators=(",", ":"))``. An empty
+        bank always has ``EMPTY_BANK_DIGEST``, whatever its dimension.
+        """
+        with self._lazy_lock:
+            if self._digest is None:
+                self._digest = bank_digest(self._emb, self._entries)
+            return self._digest
 
     def summary(self) -> dict[str, int]:
         """Entry counts per "label/modality/generator"."""
@@ -209,9 +249,10 @@ class SupportBank:
 
     @property
     def index(self) -> faiss.Index:
-        if self._index is None:
-            self._index = self._build_index()
-        return self._index
+        with self._lazy_lock:
+            if self._index is None:
+                self._index = self._build_index()
+            return self._index
 
     def query(self, embeddings: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         """Top-k neighbours: ``sims`` (B, k') float32 and ``idx`` (B, k') int64 row positions, k' = min(k, N).

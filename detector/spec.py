@@ -12,6 +12,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 Method = Literal["dski", "univfd", "npr", "cnnspot"]
+CLIP_METHODS: frozenset[str] = frozenset({"dski", "univfd"})  # methods built on the open_clip backbone
 
 DEFAULT_MODALITIES: tuple[str, ...] = ("CT", "MR", "CR", "DX", "US", "MG", "PT", "NM", "XA", "OT")
 

@@ -11,7 +11,12 @@
 3. Save the bundle, load it back the way the node will, build the retrieval
    bank from embeddings of (a capped, stratified subset of) the training images,
    pick the threshold that maximises balanced accuracy of the fused score on the
-   validation split (never on test data), and record validation metrics.
+   validation split (never on test data), and record validation metrics. The
+   classifier score alone (λ = 0) gets its own threshold, chosen the same way
+   (``classifier_threshold``), so "without MFRM" accuracies are a fair comparison.
+
+``device`` (cpu, cuda, cuda:N) holds the model and every batch; the retrieval
+bank and the saved state stay on the CPU.
 """
 
 from __future__ import annotations
@@ -37,7 +42,7 @@ from detector.bundle import (
     MANIFEST_FILE,
     Manifest,
     RetrievalSettings,
-    save_bank,
+    record_bank_change,
     save_bundle,
     update_manifest,
 )
@@ -52,14 +57,14 @@ from detector.dataset import (
     stratified_split,
     summarise,
 )
-from detector.detector import Detector
+from detector.detector import Detector, resolve_device
 from detector.errors import DetectorError
 from detector.evaluate import score_samples, scored_samples
 from detector.methods import METHODS, build_model
 from detector.metrics import best_threshold, grouped_metrics
 from detector.preprocess import PreprocessConfig
 from detector.retrieval import SupportEntry
-from detector.spec import BackboneSpec, ModelSpec
+from detector.spec import CLIP_METHODS, BackboneSpec, CDFASpec, HeadSpec, ModelSpec
 from detector.tiny import register_tiny_models
 
 logger = logging.getLogger(__name__)
@@ -84,6 +89,7 @@ class TrainResult:
     start_epoch: int                # > 0 when resumed
     losses: list[float] = field(default_factory=list)  # mean training loss per epoch (all epochs)
     threshold: float = 0.5
+    classifier_threshold: float = 0.5
     validation: dict[str, Any] = field(default_factory=dict)
 
 
@@ -96,9 +102,26 @@ def backbone_image_size(name: str) -> int:
     return int(size[0] if isinstance(size, (list, tuple)) else size)
 
 
-def make_spec(method: str, backbone: str, checkpoint: Path | None) -> ModelSpec:
+def parse_blocks(text: str | None) -> tuple[int, ...] | None:
+    """"2,5,8" -> (2, 5, 8); None or "" -> None (evenly spaced blocks)."""
+    if not text or not text.strip():
+        return None
+    try:
+        blocks = tuple(int(b) for b in text.split(",") if b.strip())
+    except ValueError:
+        raise TrainingError("cdfa-blocks", f"expected comma-separated block indices like 2,5,8, got {text!r}") from None
+    if not blocks or min(blocks) < 0:
+        raise TrainingError("cdfa-blocks", f"block indices must be >= 0, got {text!r}")
+    return blocks
+
+
+def make_spec(method: str, backbone: str, checkpoint: Path | None, *, cdfa: CDFASpec | None = None,
+              head: HeadSpec | None = None, noise_crop: int = 64) -> ModelSpec:
     if method not in METHODS:
         raise TrainingError("method", f"unknown method {method!r}; known: {', '.join(sorted(METHODS))}")
+    if method not in CLIP_METHODS and checkpoint is not None:
+        # The file would be hashed and recorded but never used: a misleading manifest.
+        raise TrainingError(checkpoint, f"method {method} has no CLIP backbone; do not pass --checkpoint")
     sha = None
     if checkpoint is not None:
         checkpoint = Path(checkpoint).resolve()
@@ -106,7 +129,8 @@ def make_spec(method: str, backbone: str, checkpoint: Path | None) -> ModelSpec:
             raise TrainingError(checkpoint, "checkpoint file not found")
         sha = sha256_file(checkpoint)
     return ModelSpec(method=method, backbone=BackboneSpec(  # type: ignore[arg-type]
-        name=backbone, checkpoint=checkpoint, checkpoint_sha256=sha, image_size=backbone_image_size(backbone)))
+        name=backbone, checkpoint=checkpoint, checkpoint_sha256=sha, image_size=backbone_image_size(backbone)),
+        cdfa=cdfa or CDFASpec(), head=head or HeadSpec(), noise_crop=noise_crop)
 
 
 @contextmanager
@@ -201,13 +225,31 @@ def train(
     retrieval: RetrievalSettings | None = None,
     bank_max_size: int = 2000,
     max_frames: int = 4,
+    cdfa_blocks: Sequence[int] | None = None,
+    cdfa_num_blocks: int | None = None,
+    bottleneck: int | None = None,
+    context_tokens: int | None = None,
+    noise_crop: int = 64,
+    device: str = "cpu",
     progress: bool = True,
 ) -> TrainResult:
-    """Train ``method`` on ``data`` and write the bundle folder ``out``; see the module docstring."""
+    """Train ``method`` on ``data`` and write the bundle folder ``out``; see the module docstring.
+
+    ``cdfa_blocks``, ``cdfa_num_blocks``, ``bottleneck`` and ``context_tokens`` (None:
+    the ``ModelSpec`` default) configure DSKI only and are refused for other methods.
+    """
     if epochs < 0:
         raise TrainingError("epochs", f"must be >= 0, got {epochs}")
     if batch_size < 1:
         raise TrainingError("batch-size", f"must be >= 1, got {batch_size}")
+    dski_only = {"cdfa-blocks": cdfa_blocks, "cdfa-num-blocks": cdfa_num_blocks, "bottleneck": bottleneck,
+                 "context-tokens": context_tokens}
+    given = [f"--{k}" for k, v in dski_only.items() if v is not None]
+    if method != "dski" and given:
+        raise TrainingError(method, f"{', '.join(given)} configure DSKI only, not method {method}")
+    if cdfa_blocks is not None and cdfa_num_blocks is not None:
+        raise TrainingError("cdfa-blocks", "give --cdfa-blocks or --cdfa-num-blocks, not both")
+    torch_device = resolve_device(device)
     data, out = Path(data), Path(out)
     holdout = parse_generators(holdout_generators)
     retrieval = retrieval or RetrievalSettings()
@@ -223,15 +265,23 @@ def train(
         if {s.label for s in part} != {0, 1}:
             raise DatasetError(data, f"the {label} split needs real and fake images "
                                      f"(got {summarise(part)['n_real']} real, {summarise(part)['n_fake']} fake)")
-    spec = make_spec(method, backbone, Path(checkpoint) if checkpoint is not None else None)
+    cdfa = CDFASpec(**{k: v for k, v in (("blocks", None if cdfa_blocks is None else tuple(cdfa_blocks)),
+                                         ("num_blocks", cdfa_num_blocks), ("bottleneck", bottleneck))
+                       if v is not None})
+    head = HeadSpec() if context_tokens is None else HeadSpec(context_tokens=context_tokens)
+    spec = make_spec(method, backbone, Path(checkpoint) if checkpoint is not None else None,
+                     cdfa=cdfa, head=head, noise_crop=noise_crop)
     cfg = PreprocessConfig(semantic_size=spec.backbone.image_size, noise_crop=spec.noise_crop,
                            max_frames=max_frames)
+    # The device is left out on purpose: a run may resume on other hardware.
     fingerprint = _fingerprint(samples, method=method, backbone=backbone, checkpoint=spec.backbone.checkpoint_sha256,
                                holdout=holdout, seed=seed, batch_size=batch_size, lr=lr,
-                               weight_decay=weight_decay, val_fraction=val_fraction, max_frames=max_frames)
+                               weight_decay=weight_decay, val_fraction=val_fraction, max_frames=max_frames,
+                               cdfa=spec.cdfa.model_dump_json(), head=spec.head.model_dump_json(),
+                               noise_crop=spec.noise_crop)
 
     with deterministic(seed):
-        model = build_model(spec)
+        model = build_model(spec).to(torch_device)
         params = model.trainable_parameters()
         if not params:
             raise TrainingError(method, "the model has no trainable parameters")
@@ -264,6 +314,8 @@ def train(
                 model.train()
                 total, count = 0.0, 0
                 for semantic, noise, labels, modality in loader:
+                    semantic, noise = semantic.to(torch_device), noise.to(torch_device)
+                    labels, modality = labels.to(torch_device), modality.to(torch_device)
                     logits = model(semantic, noise, modality)
                     loss = F.cross_entropy(logits.float(), labels)
                     optimizer.zero_grad(set_to_none=True)
@@ -280,7 +332,8 @@ def train(
     training = {
         "data": str(data),
         "method": method,
-        "backbone": backbone,
+        "backbone": backbone if method in CLIP_METHODS else None,  # npr and cnnspot have none
+        "device": str(torch_device),
         "seed": seed,
         "epochs": epochs,
         "batch_size": batch_size,
@@ -289,18 +342,23 @@ def train(
         "val_fraction": val_fraction,
         "holdout_generators": list(holdout),
         "losses": losses,
-        "threshold_rule": "maximum balanced accuracy of the fused score on the validation split",
+        "threshold_rule": "maximum balanced accuracy on the validation split: of the fused score (threshold) "
+                          "and of the classifier score alone (classifier_threshold)",
         "train": summarise(train_s),
         "validation": summarise(val_s),
         "held_out": summarise(held),
         "torch": torch.__version__,
         "open_clip": open_clip.__version__,
     }
-    save_bundle(out, model, spec, cfg, name=name or (backbone if backbone.startswith(f"{method}-") else f"{method}-{backbone}"), version=version, threshold=0.5,
+    if method not in CLIP_METHODS:
+        default_name = method
+    else:
+        default_name = backbone if backbone.startswith(f"{method}-") else f"{method}-{backbone}"
+    save_bundle(out, model, spec, cfg, name=name or default_name, version=version, threshold=0.5,
                 retrieval=retrieval, training=training)
 
     # From here on everything uses the bundle as loaded from disk, as the node will.
-    detector = Detector.load(out, batch_size=max(batch_size, 1))
+    detector = Detector.load(out, device=torch_device, batch_size=max(batch_size, 1))
     bank_samples = _bank_subset(train_s, bank_max_size, seed)
     scored, errors = score_samples(detector, bank_samples)
     if errors:
@@ -308,27 +366,33 @@ def train(
     entries = [SupportEntry("fake" if s.label else "real", s.modality, s.generator, str(s.path)) for s, _ in scored]
     emb = np.stack([f.embeddings.mean(axis=0) for _, f in scored]).astype(np.float32)
     detector.bank.add(emb, entries)
-    save_bank(out, detector.bank)
+    record_bank_change(out, detector.bank, "train", count=len(entries))
 
     val_scored, errors = score_samples(detector, val_s)
     if errors:
         raise TrainingError(errors[0]["path"], errors[0]["error"])
     fused = scored_samples(val_scored, detector.lam)
     threshold = best_threshold([s.label for s in fused], [s.score for s in fused])
+    # The classifier alone gets a threshold chosen for it: judging it at the fused score's
+    # threshold would understate its accuracies (AUC and AP do not depend on either).
+    classifier = scored_samples(val_scored, 0.0)
+    cls_threshold = best_threshold([s.label for s in classifier], [s.score for s in classifier])
     metrics: dict[str, Any] = {"validation": {
         "with_mfrm": grouped_metrics(fused, threshold),
-        "without_mfrm": grouped_metrics(scored_samples(val_scored, 0.0), threshold),
+        "without_mfrm": grouped_metrics(classifier, cls_threshold),
     }}
     if held:
         held_scored, errors = score_samples(detector, held + [s for s in val_s if not s.label])
         metrics["held_out_generators"] = {
             "note": "fakes of the held-out generators against the validation reals",
             "with_mfrm": grouped_metrics(scored_samples(held_scored, detector.lam), threshold),
-            "without_mfrm": grouped_metrics(scored_samples(held_scored, 0.0), threshold),
+            "without_mfrm": grouped_metrics(scored_samples(held_scored, 0.0), cls_threshold),
             "errors": errors,
         }
     training["bank"] = detector.bank.summary()
-    manifest = update_manifest(out, threshold=threshold, metrics=metrics, training=training)
-    logger.info("training done", extra={"bundle": str(out), "threshold": threshold, "epochs": epochs})
+    manifest = update_manifest(out, threshold=threshold, classifier_threshold=cls_threshold, metrics=metrics,
+                               training=training)
+    logger.info("training done", extra={"bundle": str(out), "threshold": threshold,
+                                        "classifier_threshold": cls_threshold, "epochs": epochs})
     return TrainResult(bundle=out, manifest=manifest, epochs=epochs, start_epoch=start_epoch, losses=losses,
-                       threshold=threshold, validation=metrics["validation"])
+                       threshold=threshold, classifier_threshold=cls_threshold, validation=metrics["validation"])

@@ -84,7 +84,9 @@ def test_round_trip_gives_bit_identical_scores(tmp_path, images):
     assert all(isinstance(v, Verdict) for v in verdicts)
     v = verdicts[0]
     assert v.bundle_name == "rt" and v.bundle_version == "1.2.3"
-    assert v.model_version == f"rt@1.2.3+{manifest.weights_sha256[:12]}"
+    from detector.retrieval import EMPTY_BANK_DIGEST
+
+    assert v.model_version == f"rt@1.2.3+w{manifest.weights_sha256[:12]}.b{EMPTY_BANK_DIGEST[:8]}"
     assert v.retrieval_score is None and v.score == v.classifier_score  # empty bank: classifier only
     assert v.label == ("fake" if v.score >= 0.4 else "real") and v.threshold == 0.4
     assert det.version == "1.2.3" and det.name == "rt" and det.threshold == 0.4

@@ -15,7 +15,7 @@ import torch
 from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
 from PIL import Image
 from pydantic import ValidationError
-from pydicom.data import get_testdata_file, get_testdata_files
+from pydicom.data import get_testdata_file
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.sequence import Sequence
 from pydicom.uid import (
@@ -100,7 +100,10 @@ def _pixel_files() -> list[str]:
     found = []
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        for path in sorted(get_testdata_files()):
+        # The files pydicom ships, globbed directly: get_testdata_files() also tries to
+        # download pydicom-data, which makes the set depend on the network.
+        local = Path(pydicom.data.__file__).parent / "test_files"
+        for path in sorted(str(p) for p in local.rglob("*") if p.suffix != ".py"):
             if not os.path.isfile(path):
                 continue
             try:
