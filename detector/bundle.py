@@ -3,7 +3,8 @@
 ```
 BUNDLE/
   manifest.json        format version, name, semantic version, spec, preprocessing,
-                       threshold, retrieval settings, training summary, metrics, weights sha256
+                       thresholds, retrieval settings, training summary, metrics, weights sha256,
+                       the append-only history of bank edits (``bank_history``)
   weights.safetensors  the model's state dict
   bank/                the MFRM support bank (``detector.retrieval``)
 ```
@@ -12,6 +13,10 @@ When the backbone comes from a checkpoint file, the frozen backbone weights
 (``model.frozen_prefixes``) are left out of ``weights.safetensors``: the
 checkpoint, verified by its sha256 in the spec, supplies them at load time. A
 tiny random backbone has no checkpoint, so its weights are kept.
+
+A bundle's identity in verdicts and SR UIDs is ``model_version``: name, version,
+weights sha256 and the bank digest, because a bank edit changes scores without
+touching the weights.
 
 Loading validates everything it reads and raises ``BundleError(path, reason)``
 naming the offending file; a missing or mismatching backbone checkpoint is a

@@ -306,3 +306,120 @@ def test_evaluate_cli_json_and_plots(tiny_bundle_factory, trace_dataset, tmp_pat
         assert m["n_real"] == 4 and m["n_fake"] == 4
         assert {"real_acc", "fake_acc", "acc", "ap", "auc"} <= set(m)
     assert sorted(p.name for p in (tmp_path / "plots").iterdir()) == ["hist_CT.png", "roc_CT.png"]
+
+
+def test_bank_edits_change_model_version_and_are_recorded(tiny_bundle_factory, images):
+    """SR UIDs derive from model_version: a bank edit that can change scores must change it."""
+    from datetime import datetime
+
+    from detector.bundle import update_manifest
+    from detector.retrieval import EMPTY_BANK_DIGEST
+
+    path = tiny_bundle_factory()
+    manifest = read_manifest(path)
+    empty = Detector.load(path).model_version
+    assert empty == f"dski-test@0.1.0+w{manifest.weights_sha256[:12]}.b{EMPTY_BANK_DIGEST[:8]}"
+    assert manifest.bank_history == []
+
+    runner = CliRunner()
+    fakes = [str(p) for p in images if p.parent.name != "real"]
+    r = runner.invoke(app, ["bank", "add", "--bundle", str(path), "--label", "fake", "--generator", "tconv",
+                            "--modality", "CT", *fakes])
+    assert r.exit_code == 0, r.output
+    det = Detector.load(path)
+    added = det.model_version
+    assert added != empty and added.startswith(f"dski-test@0.1.0+w{manifest.weights_sha256[:12]}.b")
+    assert det.score_file(images[0]).model_version == added
+    # Weights and version are untouched; only the bank part moved.
+    assert read_manifest(path).weights_sha256 == manifest.weights_sha256
+
+    r = runner.invoke(app, ["bank", "remove", "--bundle", str(path), "--id", "0"])
+    assert r.exit_code == 0, r.output
+    one_removed = Detector.load(path).model_version
+    assert one_removed not in (empty, added)
+    r = runner.invoke(app, ["bank", "remove", "--bundle", str(path), "--generator", "tconv"])
+    assert r.exit_code == 0, r.output
+    assert Detector.load(path).model_version == empty  # the same (empty) bank scores the same
+
+    history = read_manifest(path).bank_history
+    assert [(e.action, e.count, e.bank_size) for e in history] == [("add", 3, 3), ("remove", 1, 2),
+                                                                  ("remove", 2, 0)]
+    add = history[0]
+    assert (add.label, add.generator, add.modality, add.ids) == ("fake", "tconv", "CT", [0, 1, 2])
+    assert history[1].ids == [0] and history[2].generator == "tconv"
+    assert added.endswith(f".b{add.bank_digest[:8]}") and history[2].bank_digest == EMPTY_BANK_DIGEST
+    assert datetime.fromisoformat(add.time).utcoffset().total_seconds() == 0
+    # Append-only: earlier events cannot be rewritten or dropped through update_manifest.
+    with pytest.raises(ValueError, match="append-only"):
+        update_manifest(path, bank_history=[])
+    with pytest.raises(ValueError, match="append-only"):
+        update_manifest(path, bank_history=[h.model_dump(mode="json") for h in history[1:]])
+
+
+def test_without_mfrm_uses_the_classifier_threshold(tiny_bundle_factory, trace_dataset, tmp_path):
+    from detector.evaluate import evaluate
+
+    # Extreme thresholds make the two rules visible whatever the untrained scores are:
+    # fused >= 0 flags everything fake, classifier >= 1 flags (almost surely) nothing.
+    path = tiny_bundle_factory(threshold=0.0, classifier_threshold=1.0)
+    data = trace_dataset(tmp_path / "eval", n_real=3, n_fake=3)
+    report = evaluate(path, data)
+    assert report["threshold"] == 0.0 and report["classifier_threshold"] == 1.0
+    assert report["with_mfrm"]["overall"]["real_acc"] == 0.0
+    without = report["without_mfrm"]["overall"]
+    assert without["real_acc"] == 1.0 and without["fake_acc"] == 0.0
+    det = Detector.load(path)
+    image = prepare_file(next(data.rglob("*.png")), det.preprocess_config)
+    assert det.score_prepared([image], lam=0.0)[0].threshold == 1.0
+    assert det.score_prepared([image])[0].threshold == 0.0
+    # A bundle without classifier_threshold (older format) falls back to the fused one.
+    old = tiny_bundle_factory(tmp_path / "old", threshold=0.3)
+    assert read_manifest(old).classifier_threshold is None
+    assert Detector.load(old).classifier_threshold == 0.3
+
+
+def test_cnn_baselines_store_every_weight_even_with_a_checkpoint(tmp_path):
+    """npr and cnnspot have no CLIP backbone: a stray checkpoint must not mark weights as omitted."""
+    ckpt = tmp_path / "unused.pt"
+    ckpt.write_bytes(b"x")
+    spec = ModelSpec(method="npr", backbone=BackboneSpec(checkpoint=ckpt, checkpoint_sha256="0" * 64))
+    cfg = PreprocessConfig(semantic_size=spec.backbone.image_size, noise_crop=spec.noise_crop)
+    manifest = save_bundle(tmp_path / "npr", build_model(spec), spec, cfg, name="npr", version="0.1.0",
+                           threshold=0.5)
+    assert manifest.backbone_weights_included
+    assert Detector.load(tmp_path / "npr").bundle.manifest.method == "npr"
+
+
+def test_device_option_is_validated(tiny_bundle_factory, images):
+    from detector.detector import resolve_device
+
+    assert resolve_device("cpu") == torch.device("cpu")
+    for bad in ("tpu", "cuda:x", "gpu", ""):
+        with pytest.raises(ValueError, match="cpu, cuda or cuda:N"):
+            resolve_device(bad)
+    path = tiny_bundle_factory()
+    det = Detector.load(path, device="cpu")
+    assert {p.device.type for p in det.model.parameters()} == {"cpu"}
+    runner = CliRunner()
+    r = runner.invoke(app, ["detect", "--bundle", str(path), "--device", "cpu", str(images[0])])
+    assert r.exit_code == 0 and "score" in r.stdout
+    r = runner.invoke(app, ["detect", "--bundle", str(path), "--device", "tpu", str(images[0])])
+    assert r.exit_code == 2 and "cpu, cuda or cuda:N" in r.stderr
+    if not torch.cuda.is_available():
+        for cmd in (["detect", "--bundle", str(path), "--device", "cuda", str(images[0])],
+                    ["evaluate", "--bundle", str(path), "--data", str(images[0].parent.parent.parent),
+                     "--device", "cuda:0"]):
+            r = runner.invoke(app, cmd)
+            assert r.exit_code == 2 and "CUDA is not available" in r.stderr, r.output
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_detector_on_cuda_matches_cpu(tiny_bundle_factory, images):
+    path = tiny_bundle_factory()
+    cpu = Detector.load(path)
+    gpu = Detector.load(path, device="cuda")
+    assert {t.device.type for t in [*gpu.model.parameters(), *gpu.model.buffers()]} == {"cuda"}
+    prepared = _prepare(images, cpu.bundle.spec)
+    a = cpu.score_prepared(prepared)
+    b = gpu.score_prepared(prepared)
+    assert [v.score for v in a] == pytest.approx([v.score for v in b], abs=1e-4)

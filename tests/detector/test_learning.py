@@ -93,6 +93,13 @@ def test_training_is_deterministic_and_resumable(tmp_path, trace_dataset):
     a, b = read_manifest(tmp_path / "a"), read_manifest(tmp_path / "b")
     assert a.weights_sha256 == b.weights_sha256
     assert a.threshold == b.threshold
+    assert a.classifier_threshold is not None and a.classifier_threshold == b.classifier_threshold
+    # The bank built by training is the first audit event, and it is the bank on disk.
+    assert [e.action for e in a.bank_history] == ["train"]
+    from detector.detector import Detector
+
+    det = Detector.load(tmp_path / "a")
+    assert a.bank_history[0].bank_digest == det.bank.digest() and a.bank_history[0].count == len(det.bank)
     assert a.training["losses"] == b.training["losses"] and len(a.training["losses"]) == 2
 
     runner = CliRunner()
@@ -116,5 +123,55 @@ def test_baselines_train_in_the_same_harness(tmp_path, trace_dataset, method):
     _run(["train", "--data", str(data), "--out", str(tmp_path / method), "--method", method, "--epochs", "1",
           "--no-progress"])
     out = _run(["evaluate", "--bundle", str(tmp_path / method), "--data", str(data)])
-    assert read_manifest(tmp_path / method).method == method
+    manifest = read_manifest(tmp_path / method)
+    assert manifest.method == method
     assert "overall" in out
+    # Every weight is in the bundle. The CNNs have no CLIP backbone, and the manifest says so.
+    assert manifest.backbone_weights_included
+    if method == "univfd":
+        assert manifest.training["backbone"] == "dski-tiny" and manifest.name == "univfd-dski-tiny"
+    else:
+        assert manifest.training["backbone"] is None and manifest.name == method
+        r = CliRunner().invoke(app, ["train", "--data", str(data), "--out", str(tmp_path / "x"), "--method", method,
+                                     "--checkpoint", str(tmp_path / method / "weights.safetensors"), "--no-progress"])
+        assert r.exit_code == 2 and "no CLIP backbone" in r.stderr
+
+
+def test_train_options_configure_cdfa_head_and_preprocessing(tmp_path, trace_dataset):
+    from detector.detector import Detector
+
+    data = trace_dataset(tmp_path / "data", n_real=6, n_fake=6, size=64, seed=5)
+    common = ["--data", str(data), "--no-progress", "--epochs", "1", "--batch-size", "8"]
+    _run(["train", *common, "--out", str(tmp_path / "a"), "--cdfa-blocks", "1,2", "--bottleneck", "8",
+          "--context-tokens", "2", "--noise-crop", "32", "--max-frames", "2", "--device", "cpu"])
+    m = read_manifest(tmp_path / "a")
+    assert m.spec.cdfa.blocks == (1, 2) and m.spec.cdfa.bottleneck == 8
+    assert m.spec.head.context_tokens == 2 and m.spec.noise_crop == 32
+    assert m.preprocess.noise_crop == 32 and m.preprocess.max_frames == 2
+    assert m.spec.backbone.image_size == m.preprocess.semantic_size == 64  # from the open_clip config
+    assert m.training["device"] == "cpu"
+    det = Detector.load(tmp_path / "a")
+    assert det.model.cdfa_block_indices == (1, 2) and det.model.head.context.shape[0] == 2
+    assert det.model.cdfa_blocks()[0].adapter.down.out_features == 8
+    _run(["train", *common, "--out", str(tmp_path / "b"), "--cdfa-num-blocks", "2", "--epochs", "0"])
+    assert Detector.load(tmp_path / "b").model.cdfa_block_indices == (0, 2)
+
+    runner = CliRunner()
+    for extra, word in ((["--cdfa-blocks", "1,9"], "out of range"),
+                        (["--cdfa-blocks", "a,b"], "comma-separated"),
+                        (["--cdfa-blocks", "1", "--cdfa-num-blocks", "2"], "not both"),
+                        (["--method", "npr", "--bottleneck", "8"], "DSKI only"),
+                        (["--method", "univfd", "--context-tokens", "2"], "DSKI only"),
+                        (["--device", "tpu"], "cpu, cuda or cuda:N")):
+        r = runner.invoke(app, ["train", *common, "--out", str(tmp_path / "bad"), *extra])
+        assert r.exit_code == 2 and word in r.stderr, (extra, r.output)
+        assert "Traceback" not in r.output
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_training_on_cuda(tmp_path, trace_dataset):
+    data = trace_dataset(tmp_path / "data", n_real=6, n_fake=6, size=64, seed=6)
+    _run(["train", "--data", str(data), "--out", str(tmp_path / "g"), "--epochs", "1", "--device", "cuda",
+          "--no-progress"])
+    _run(["evaluate", "--bundle", str(tmp_path / "g"), "--data", str(data), "--device", "cuda"])
+    assert read_manifest(tmp_path / "g").training["device"].startswith("cuda")

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from detector.retrieval import (
+    EMPTY_BANK_DIGEST,
     BankFormatError,
     SupportBank,
     SupportEntry,
@@ -153,6 +154,30 @@ def test_save_load_round_trip(rng, tmp_path):
     # Empty banks persist too.
     SupportBank(DIM).save(tmp_path / "empty")
     assert len(SupportBank.load(tmp_path / "empty")) == 0
+
+
+def test_digest_follows_content_and_survives_save_load(rng, tmp_path):
+    # Every empty bank has the same digest, whatever its dimension.
+    assert SupportBank(DIM).digest() == SupportBank(7).digest() == EMPTY_BANK_DIGEST
+    bank, base = _bank_with_planted(rng, n=6)
+    d0 = bank.digest()
+    assert len(d0) == 64 and d0 != EMPTY_BANK_DIGEST
+    bank.save(tmp_path / "bank")
+    assert SupportBank.load(tmp_path / "bank").digest() == d0
+    # The same vectors with one label flipped score differently: another digest.
+    flipped = SupportBank(DIM)
+    flipped.add(base, [SupportEntry("real" if e.is_fake else "fake", e.modality, e.generator, e.source)
+                       for e in bank.list()])
+    assert flipped.digest() != d0
+    # Any add or remove changes it; undoing the change restores it.
+    new = bank.add(rng.standard_normal((1, DIM)), _entries(1))
+    assert bank.digest() != d0
+    bank.remove(ids=new)
+    assert bank.digest() == d0
+    bank.remove(generator="gan")
+    assert bank.digest() not in (d0, EMPTY_BANK_DIGEST)
+    bank.remove(generator="real")
+    assert bank.digest() == EMPTY_BANK_DIGEST
 
 
 def test_load_rejects_broken_banks(rng, tmp_path):
