@@ -151,6 +151,12 @@ def parse_header(data: bytes, *, max_pixels: int) -> ObjectHeader:
     except Exception as exc:  # pydicom raises a wide range on hostile input; none may kill the handler
         raise InvalidObjectError(STATUS_CANNOT_UNDERSTAND, f"not a readable DICOM dataset: {type(exc).__name__}: {exc}") from exc
 
+    # pydicom returns the bytes that are there when the data set ends inside an element: a
+    # truncated object would otherwise be acknowledged with its last value (a UID) cut short.
+    reason = _incomplete_encoding(data, transfer_syntax)
+    if reason is not None:
+        raise InvalidObjectError(STATUS_CANNOT_UNDERSTAND, reason)
+
     uids: dict[str, str] = {}
     for keyword in ("SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID"):
         raw = ds.get(keyword)
@@ -190,6 +196,50 @@ def parse_header(data: bytes, *, max_pixels: int) -> ObjectHeader:
         pixels=pixels,
         dataset=ds,
     )
+
+
+_VR_LONG = frozenset(b"OB OD OF OL OV OW SQ SV UC UN UR UT UV".split())
+_UNDEFINED = 0xFFFFFFFF
+
+
+def _incomplete_encoding(data: bytes, transfer_syntax: str) -> str | None:
+    """Why the data set after the File Meta is empty or ends inside an element, else None.
+
+    Walks the top-level element headers only (values are skipped, never decoded). An
+    element of undefined length (a sequence, encapsulated pixel data) ends the walk:
+    its content is checked when it is decoded. Deflated data sets are not walked.
+    """
+    if data[128:132] != b"DICM" or data[132:136] != b"\x02\x00\x00\x00" or data[136:138] != b"UL":
+        return None  # no standard meta group length to find the data set by: leave it to the parser
+    start = 144 + int.from_bytes(data[140:144], "little")
+    if start >= len(data):
+        return "empty data set"
+    if transfer_syntax == "1.2.840.10008.1.2.1.99":  # Deflated Explicit VR Little Endian
+        return None
+    implicit = transfer_syntax == "1.2.840.10008.1.2"
+    order: Any = "big" if transfer_syntax == "1.2.840.10008.1.2.2" else "little"
+    end, pos = len(data), start
+    while pos < end:
+        header = 8 if implicit else (12 if data[pos + 4 : pos + 6] in _VR_LONG else 8)
+        if pos + header > end:
+            return f"data set truncated inside an element header at byte {pos - start}"
+        group = int.from_bytes(data[pos : pos + 2], order)
+        element = int.from_bytes(data[pos + 2 : pos + 4], order)
+        if implicit:
+            length = int.from_bytes(data[pos + 4 : pos + 8], order)
+        elif header == 8:
+            length = int.from_bytes(data[pos + 6 : pos + 8], order)
+        else:
+            length = int.from_bytes(data[pos + 8 : pos + 12], order)
+        if length == _UNDEFINED:
+            return None
+        if pos + header + length > end:
+            return (
+                f"data set truncated: element ({group:04X},{element:04X}) declares {length} bytes, "
+                f"{end - pos - header} present"
+            )
+        pos += header + length
+    return None
 
 
 # --------------------------------------------------------------------------- storage seam
