@@ -307,6 +307,28 @@ def _transfer_syntax(ds: Dataset, data: Any, source: str) -> UID:
     return ExplicitVRBigEndian if little is False else ExplicitVRLittleEndian
 
 
+def _check_native_length(
+    source: str, length: int, rows: int, columns: int, frames: int, samples: int, bits_allocated: int, photometric: str
+) -> None:
+    """Native pixel data must not hold a whole frame more than the header declares.
+
+    pydicom only warns about excess data and decodes the leading bytes, so a header
+    that understates BitsAllocated, Rows or Columns would be scored on misread pixels.
+    Trailing padding shorter than a frame occurs in real files and is tolerated.
+    Shorter data is left to the decoder, which names the shortfall.
+    """
+    if photometric == "YBR_FULL_422":  # subsampled: pydicom computes its own length
+        return
+    frame_bytes = -(-rows * columns * samples * bits_allocated // 8)
+    expected = -(-rows * columns * frames * samples * bits_allocated // 8)
+    if length - expected >= max(frame_bytes, 2):
+        raise UnsupportedPixelDataError(
+            source,
+            f"pixel data is {length} bytes but the header ({rows}x{columns}x{frames}, "
+            f"{samples} samples, {bits_allocated} bits allocated) declares {expected}: header and data disagree",
+        )
+
+
 def decode_dicom(
     ds: Dataset,
     source: str,
@@ -363,6 +385,8 @@ def decode_dicom(
     if not decoder.is_available:
         missing = "; ".join(decoder.missing_dependencies) or "unknown"
         raise UnsupportedPixelDataError(source, f"no decoder plugin installed for {ts.name}; missing: {missing}")
+    if not ts.is_compressed:
+        _check_native_length(source, len(data), rows, columns, frames, samples, bits_allocated, photometric)
     try:
         opts = as_pixel_options(ds, number_of_frames=frames)
     except Exception as exc:

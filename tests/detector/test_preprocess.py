@@ -585,3 +585,17 @@ def test_error_types_and_messages():
     assert (c.path, c.reason, c.expected_sha256, c.actual_sha256) == ("/w.pt", "sha256 mismatch", "aa11", "bb22")
     assert str(pickle.loads(pickle.dumps(c))) == str(c)
     assert str(BundleError("/b", "bad")) == "/b: bad"
+
+
+def test_pixel_data_a_frame_longer_than_declared_is_refused() -> None:
+    # A header that understates the image (Rows halved) would otherwise be decoded
+    # from the leading bytes and scored on misread pixels.
+    ds = pydicom.dcmread(get_testdata_file("CT_small.dcm"))
+    ds.Rows = ds.Rows // 2
+    with pytest.raises(UnsupportedPixelDataError, match="header and data disagree"):
+        prepare_dataset(ds, CFG, source="halved")
+
+
+def test_trailing_padding_shorter_than_a_frame_is_tolerated() -> None:
+    p = prepare_file(get_testdata_file("MR_small_padded.dcm"), CFG)
+    assert torch.isfinite(p.noise).all()
