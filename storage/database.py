@@ -46,10 +46,20 @@ class Database:
         self.dialect = parsed.get_backend_name()
         self._safe_url = parsed.render_as_string(hide_password=True)
         kwargs: dict[str, Any] = {"echo": echo}
+        # SQLite busy timeout: how long a write waits for another writer's lock before the
+        # store is refused with out-of-resources. ``?timeout=SECONDS`` in the URL (the
+        # pysqlite parameter SQLAlchemy documents) overrides the default.
+        self.busy_timeout_ms = BUSY_TIMEOUT_MS
+        if self.is_sqlite and "timeout" in parsed.query:
+            raw = parsed.query["timeout"]
+            seconds = float(raw[-1] if isinstance(raw, tuple) else raw)
+            if not seconds > 0:
+                raise ValueError(f"database_url: timeout must be a positive number of seconds, got {raw!r}")
+            self.busy_timeout_ms = int(seconds * 1000)
         if self.is_sqlite:
             database = parsed.database or ""
             memory = database in ("", ":memory:") or "mode=memory" in str(parsed.query)
-            connect_args: dict[str, Any] = {"timeout": BUSY_TIMEOUT_MS / 1000, "check_same_thread": False}
+            connect_args: dict[str, Any] = {"timeout": self.busy_timeout_ms / 1000, "check_same_thread": False}
             if memory:
                 kwargs["poolclass"] = StaticPool  # one shared connection, or each one sees its own empty DB
             elif not database.startswith("file:"):
@@ -59,7 +69,7 @@ class Database:
             kwargs["pool_pre_ping"] = True
         self.engine: Engine = create_engine(url, **kwargs)
         if self.is_sqlite:
-            self._install_sqlite_hooks(self.engine)
+            self._install_sqlite_hooks(self.engine, self.busy_timeout_ms)
         self._read_engine = self.engine.execution_options(**{_BEGIN_OPTION: "DEFERRED"})
         self._sessions = sessionmaker(bind=self.engine, expire_on_commit=False)
         self._read_sessions = sessionmaker(bind=self._read_engine, expire_on_commit=False)
@@ -76,7 +86,7 @@ class Database:
         return f"Database({self._safe_url!r})"
 
     @staticmethod
-    def _install_sqlite_hooks(engine: Engine) -> None:
+    def _install_sqlite_hooks(engine: Engine, busy_timeout_ms: int = BUSY_TIMEOUT_MS) -> None:
         @event.listens_for(engine, "connect")
         def _on_connect(dbapi_connection: Any, _record: Any) -> None:
             # Take transaction control away from the sqlite3 module; "begin" below issues BEGIN.
@@ -85,7 +95,7 @@ class Database:
             try:
                 cursor.execute("PRAGMA journal_mode=WAL")
                 cursor.execute("PRAGMA synchronous=FULL")
-                cursor.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
+                cursor.execute(f"PRAGMA busy_timeout={int(busy_timeout_ms)}")
                 cursor.execute("PRAGMA foreign_keys=ON")
             finally:
                 cursor.close()

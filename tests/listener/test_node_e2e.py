@@ -14,7 +14,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pydicom
 import pytest
 from pydicom.data import get_testdata_file
@@ -24,6 +23,7 @@ from pydicom.uid import generate_uid
 
 from listener.config import NodeConfig, parse_config
 from listener.node import Node
+from tests.nodeproc import build_tiny_bundle
 from tests.peers import OrthancServer, dciodvfy_errors, echoscu, free_port, storescu
 
 pytestmark = pytest.mark.e2e
@@ -38,24 +38,7 @@ SR_CLASS_PREFIX = "1.2.840.10008.5.1.4.1.1.88."
 @pytest.fixture(scope="session")
 def tiny_bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A real DSKI bundle: the dski-tiny backbone trained for one epoch on a few generated images."""
-    from PIL import Image
-
-    from detector.train import train
-
-    root = tmp_path_factory.mktemp("bundle")
-    data = root / "data"
-    rng = np.random.default_rng(0)
-    for label in ("real", "tconv"):
-        folder = data / "CT" / label
-        folder.mkdir(parents=True)
-        for i in range(8):
-            img = rng.integers(0, 255, (64, 64), dtype=np.uint8)
-            if label == "tconv":
-                img[::2, ::2] = 255  # a periodic trace, as upsampling layers leave
-            Image.fromarray(img, mode="L").save(folder / f"{i}.png")
-    out = root / "bundle"
-    train(data, out, epochs=1, batch_size=8, progress=False)
-    return out
+    return build_tiny_bundle(tmp_path_factory.mktemp("bundle"))
 
 
 @dataclass
