@@ -17,6 +17,7 @@ from __future__ import annotations
 import logging
 import signal
 import threading
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -69,17 +70,25 @@ class Node:
         self._notify("STATUS=starting")
         self.db = Database(cfg.storage.database_url)
         self.db.migrate()
-        self.repo = Repository(self.db)
         self.spool = Spool(cfg.storage.spool_dir, cfg.storage.min_free_bytes)
+        # node_id: several nodes may share one (PostgreSQL) database; each serves the rows of its spool
+        self.repo = Repository(self.db, node_id=self.spool.node_id)
         for folder in (cfg.storage.reports_dir, cfg.storage.quarantine_dir):
             Path(folder).mkdir(parents=True, exist_ok=True)
-        reconciled = self.repo.reconcile_spool(self.spool, cfg.storage.quarantine_dir)
+        # The listener is not running yet, so no store is between its write and its commit:
+        # every file without a row is an orphan of the last crash, however young, and every
+        # temporary file is a write that will never finish. Without min_age=0 an orphan of a
+        # crash-restart within a minute would stay in the spool until some later start.
+        reconciled = self.repo.reconcile_spool(
+            self.spool, cfg.storage.quarantine_dir, min_age=timedelta(0), temp_max_age=timedelta(0)
+        )
         if reconciled.quarantined or reconciled.missing:
             logger.warning(
                 "spool reconciled",
                 extra={"quarantined": len(reconciled.quarantined), "missing": len(reconciled.missing)},
             )
-        # nothing else runs yet: everything in analysing / sending was cut short by a stop or crash
+        # nothing else of THIS node runs yet: everything of its own in analysing / sending was cut
+        # short by a stop or crash (other nodes' rows are left alone: node_id scopes the requeue)
         self.repo.requeue_in_progress(None, max_attempts=MAX_ANALYSIS_ATTEMPTS)
         if self._detector is None:
             self._detector = load_detector(cfg)

@@ -14,6 +14,7 @@ time.
 
 from __future__ import annotations
 
+import io
 import logging
 import os
 import threading
@@ -21,6 +22,7 @@ from collections.abc import Sequence
 from typing import Any, Protocol
 
 from pydicom import dcmread
+from pydicom.uid import DeflatedExplicitVRLittleEndian
 
 from listener.config import NodeConfig
 from storage.errors import DatabaseUnavailableError, InvalidTransitionError, NotFoundError, SpoolError
@@ -41,10 +43,23 @@ class DetectorLike(Protocol):
 
 def _prepare(detector: DetectorLike, path: str, record: InstanceRecord) -> Any:
     """Read the spool file and prepare it; raises ``PreprocessError`` (or a read error)."""
+    return _prepare_with_header(detector, path, record)[0]
+
+
+def _prepare_with_header(detector: DetectorLike, path: str, record: InstanceRecord) -> tuple[Any, bytes | None]:
+    """The prepared image and the file's bytes up to its Pixel Data (the header the SR builder
+    needs, kept in the database so that any node can build the report; None for deflated files)."""
     from detector.preprocess import prepare_dataset
 
-    ds = dcmread(path)
-    return prepare_dataset(ds, detector.preprocess_config, f"SOP {record.sop_instance_uid}")
+    with open(path, "rb") as fh:
+        raw = fh.read()
+    ds = dcmread(io.BytesIO(raw))
+    header: bytes | None = None
+    if ds.file_meta.get("TransferSyntaxUID") != DeflatedExplicitVRLittleEndian:
+        stream = io.BytesIO(raw)
+        dcmread(stream, stop_before_pixels=True)
+        header = raw[: stream.tell()]
+    return prepare_dataset(ds, detector.preprocess_config, f"SOP {record.sop_instance_uid}"), header
 
 
 class Pipeline:
@@ -118,9 +133,11 @@ class Pipeline:
         if not records:
             return 0
         prepared: list[tuple[InstanceRecord, Any]] = []
+        headers: dict[int, bytes | None] = {}
         for record in records:
-            image = self._prepare_one(record)
-            if image is not None:
+            result = self._prepare_one(record)
+            if result is not None:
+                image, headers[record.id] = result
                 prepared.append((record, image))
         if not prepared:
             return len(records)
@@ -135,7 +152,9 @@ class Pipeline:
             return len(records)
         for (record, _), verdict in zip(prepared, verdicts, strict=True):
             try:
-                self._repo.record_verdict(record.id, VerdictInput.from_verdict(verdict), worker=worker)
+                self._repo.record_verdict(
+                    record.id, VerdictInput.from_verdict(verdict), worker=worker, source_header=headers.get(record.id)
+                )
             except (InvalidTransitionError, NotFoundError) as exc:
                 # requeued as stuck and taken by another worker meanwhile: its verdict wins
                 logger.warning("verdict not recorded", extra={"instance_id": record.id, "reason": str(exc)})
@@ -152,7 +171,7 @@ class Pipeline:
             )
         return len(records)
 
-    def _prepare_one(self, record: InstanceRecord) -> Any | None:
+    def _prepare_one(self, record: InstanceRecord) -> tuple[Any, bytes | None] | None:
         from detector.errors import PreprocessError
 
         if record.spool_path is None:
@@ -160,7 +179,7 @@ class Pipeline:
             return None
         try:
             path = str(self._spool.resolve(record.spool_path))
-            return _prepare(self._detector, path, record)
+            return _prepare_with_header(self._detector, path, record)
         except PreprocessError as exc:
             self._finish_failed(record, exc.reason)
         except (SpoolError, OSError) as exc:

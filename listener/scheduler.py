@@ -1,7 +1,8 @@
 """Periodic jobs of the node (APScheduler, one background thread pool).
 
 - ``complete_series``: groups idle for ``series_idle_seconds`` -> SR built from the
-  source headers in the spool -> written to ``reports_dir`` -> one outbox row per
+  source headers kept with the verdicts (else read from the spool; with several nodes
+  on one database a series may have been received by several nodes) -> written to ``reports_dir`` -> one outbox row per
   destination (pending);
 - ``dispatch``: due outbox rows -> C-STORE -> sent, or retrying with backoff, or dead;
 - ``retention``: spool files of delivered instances are deleted;
@@ -14,6 +15,7 @@ restart resumes where the last one stopped. ``max_instances=1`` and
 
 from __future__ import annotations
 
+import io
 import logging
 from collections import Counter
 from datetime import datetime, timedelta, timezone
@@ -79,15 +81,20 @@ class Jobs:
     def _report_group(self, group: Any) -> int:
         records = self.repo.instances_for(group.instance_ids)
         verdicts = self.repo.verdicts_for(group.instance_ids)
+        stored_headers = self.repo.source_headers(group.instance_ids)
         items: list[ReportItem] = []
         used: list[int] = []
         for record in records:
             verdict = verdicts.get(record.id)
             if verdict is None:
                 continue
-            if record.spool_path is None:
+            stored = stored_headers.get(record.id)
+            if stored is not None:
+                header = dcmread(io.BytesIO(stored), stop_before_pixels=True)
+            elif record.spool_path is None:
                 raise ReportError(f"instance {record.id} ({record.sop_instance_uid}): spool file already deleted")
-            header = dcmread(self.spool.resolve(record.spool_path), stop_before_pixels=True)
+            else:
+                header = dcmread(self.spool.resolve(record.spool_path), stop_before_pixels=True)
             items.append(ReportItem(dataset=header, score=verdict.score, label=verdict.label, threshold=verdict.threshold))
             used.append(record.id)
         if not items:

@@ -13,6 +13,7 @@ from typing import Any
 from sqlalchemy import (
     BigInteger,
     CheckConstraint,
+    LargeBinary,
     DateTime,
     Float,
     ForeignKey,
@@ -117,6 +118,9 @@ class Instance(Base):
     # Set when the instance is first linked to a report. ready_groups looks only at
     # analysed rows where this is NULL, so its cost does not grow with the history.
     reported_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    # The node whose spool holds the file (storage.spool.Spool.node_id); NULL: any node
+    # (rows from before scale-out). Only that node scores, reconciles and deletes it.
+    node_id: Mapped[str | None] = mapped_column(String(64))
 
     __table_args__ = (
         CheckConstraint(_in("status", INSTANCE_STATUSES), name="status"),
@@ -125,6 +129,7 @@ class Instance(Base):
         Index("ix_instances_status_received_at", "status", "received_at"),
         Index("ix_instances_series_instance_uid", "series_instance_uid"),
         Index("ix_instances_study_instance_uid", "study_instance_uid"),
+        Index("ix_instances_node_id_status", "node_id", "status"),
         Index(
             "ix_instances_unreported",
             "study_instance_uid",
@@ -151,6 +156,9 @@ class Verdict(Base):
     model_version: Mapped[str] = mapped_column(String(255))
     elapsed_ms: Mapped[float] = mapped_column(Float)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime())
+    # The source object up to its Pixel Data (a DICOM file prefix): lets any node build the SR
+    # of a series split across nodes. Deferred: loaded only by Repository.source_headers.
+    source_header: Mapped[bytes | None] = mapped_column(LargeBinary, deferred=True)
 
     __table_args__ = (Index("ix_verdicts_created_at", "created_at"),)
 
@@ -177,6 +185,8 @@ class Report(Base):
     instance_count: Mapped[int] = mapped_column(Integer)
     suspected_count: Mapped[int] = mapped_column(Integer)
     max_score: Mapped[float | None] = mapped_column(Float)
+    # The node whose reports_dir holds the SR file at ``path``: only it sends the report.
+    node_id: Mapped[str | None] = mapped_column(String(64))
 
     __table_args__ = (
         CheckConstraint(_in("status", REPORT_STATUSES), name="status"),

@@ -10,6 +10,14 @@ the current state. Claims are exclusive across threads and processes: on SQLite
 every write transaction is ``BEGIN IMMEDIATE`` and each row moves with a
 conditional ``UPDATE ... WHERE status = ...`` whose row count is checked; on
 PostgreSQL the candidates are selected ``FOR UPDATE SKIP LOCKED`` first.
+
+Several nodes may share one PostgreSQL database, each with its own spool. A
+``Repository`` made with ``node_id`` (the spool's ``Spool.node_id``) stamps it on
+the instances it receives and the reports it creates, and only claims, requeues,
+reconciles and deletes rows stamped with it (or with NULL: rows from before
+scale-out). Series completion is not node-bound: the verdicts keep the source
+header, so any node can build the SR of a series received by several nodes, and
+``create_report`` is idempotent on the SR UID when two nodes build it at once.
 """
 
 from __future__ import annotations
@@ -23,7 +31,7 @@ from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any, Literal, Protocol
 
-from sqlalchemy import and_, exists, func, or_, select, update
+from sqlalchemy import and_, exists, func, or_, select, true, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -229,9 +237,18 @@ def _truncate(text: str) -> str:
 class Repository:
     """All reads and writes of the node's state. Thread-safe: each call opens its own session."""
 
-    def __init__(self, db: Database, *, clock: Callable[[], datetime] = utcnow) -> None:
+    def __init__(
+        self, db: Database, *, clock: Callable[[], datetime] = utcnow, node_id: str | None = None
+    ) -> None:
         self.db = db
         self._clock = clock
+        self.node_id = node_id
+
+    def _mine(self, column: Any) -> Any:
+        """Rows this node serves: stamped with its id, or unstamped; every row without a node id."""
+        if self.node_id is None:
+            return true()
+        return or_(column == self.node_id, column.is_(None))
 
     def _now(self) -> datetime:
         return aware_utc(self._clock(), "clock()")
@@ -333,6 +350,7 @@ class Repository:
                     sha256=sha256,
                     size_bytes=size_bytes,
                     attempts=0,
+                    node_id=self.node_id,
                 )
                 s.add(row)
                 s.flush()
@@ -358,7 +376,7 @@ class Repository:
         with self.db.session() as s:
             query = (
                 select(Instance.id)
-                .where(Instance.status == "received")
+                .where(Instance.status == "received", self._mine(Instance.node_id))
                 .order_by(Instance.received_at, Instance.id)
                 .limit(limit)
             )
@@ -375,6 +393,9 @@ class Repository:
                         claimed_at=now,
                         attempts=Instance.attempts + 1,
                         status_reason=None,
+                        # a row from before scale-out (no node id) becomes this node's when claimed,
+                        # so that no other node's start-up requeues it while it is being scored
+                        node_id=func.coalesce(Instance.node_id, self.node_id),
                     )
                     .execution_options(synchronize_session=False)
                 )
@@ -397,11 +418,19 @@ class Repository:
             raise InvalidTransitionError("instance", instance_id, row.status, to_status)
         return row
 
-    def record_verdict(self, instance_id: int, v: VerdictInput | VerdictLike, *, worker: str | None = None) -> None:
+    def record_verdict(
+        self,
+        instance_id: int,
+        v: VerdictInput | VerdictLike,
+        *,
+        worker: str | None = None,
+        source_header: bytes | None = None,
+    ) -> None:
         """Store the verdict of an instance being analysed and move it to analysed.
 
         With ``worker``, the instance must still be claimed by that worker (it may
         have been requeued as stuck and claimed by another one meanwhile).
+        ``source_header``: the object up to its Pixel Data, kept for the SR builder.
         """
         data = v if isinstance(v, VerdictInput) else VerdictInput.from_verdict(v)
         now = self._now()
@@ -411,7 +440,14 @@ class Repository:
                 raise InvalidTransitionError("instance", instance_id, f"analysing by {row.claimed_by}", "analysed")
             if s.scalar(select(Verdict.id).where(Verdict.instance_id == instance_id)) is not None:
                 raise InvalidTransitionError("instance", instance_id, "analysing (verdict exists)", "analysed")
-            s.add(Verdict(instance_id=instance_id, created_at=now, **{f.name: getattr(data, f.name) for f in fields(VerdictInput)}))
+            s.add(
+                Verdict(
+                    instance_id=instance_id,
+                    created_at=now,
+                    source_header=source_header,
+                    **{f.name: getattr(data, f.name) for f in fields(VerdictInput)},
+                )
+            )
             row.status = "analysed"
             row.status_reason = None
             self._event(
@@ -449,7 +485,7 @@ class Repository:
         cutoff = None if older_than is None else now - older_than
         changed = 0
         with self.db.session() as s:
-            q = select(Instance).where(Instance.status == "analysing")
+            q = select(Instance).where(Instance.status == "analysing", self._mine(Instance.node_id))
             if cutoff is not None:
                 q = q.where(or_(Instance.claimed_at.is_(None), Instance.claimed_at <= cutoff))
             if self.db.is_postgresql:
@@ -466,7 +502,7 @@ class Repository:
                     row.claimed_at = None
                     self._event(s, "instance", row.id, "analysing", "received", now, event="requeued", worker=worker)
                 changed += 1
-            rq = select(Report).where(Report.status == "sending")
+            rq = select(Report).where(Report.status == "sending", self._mine(Report.node_id))
             if cutoff is not None:
                 rq = rq.where(or_(Report.claimed_at.is_(None), Report.claimed_at <= cutoff))
             if self.db.is_postgresql:
@@ -603,6 +639,7 @@ class Repository:
                     instance_count=instance_count,
                     suspected_count=suspected_count,
                     max_score=max_score,
+                    node_id=self.node_id,
                 )
                 s.add(report)
                 s.flush()
@@ -655,7 +692,9 @@ class Repository:
             return []
         now = self._now() if now is None else aware_utc(now, "now")
         with self.db.session() as s:
-            due = and_(Report.status.in_(("pending", "retrying")), Report.next_attempt_at <= now)
+            due = and_(
+                Report.status.in_(("pending", "retrying")), Report.next_attempt_at <= now, self._mine(Report.node_id)
+            )
             query = select(Report.id, Report.status).where(due).order_by(Report.next_attempt_at, Report.id).limit(limit)
             if self.db.is_postgresql:
                 query = query.with_for_update(skip_locked=True)
@@ -770,7 +809,7 @@ class Repository:
         skipped = and_(Instance.status == "skipped", Instance.received_at < before)
         query = (
             select(Instance.id, Instance.spool_path)
-            .where(Instance.spool_path.is_not(None), or_(delivered, superseded, skipped))
+            .where(Instance.spool_path.is_not(None), self._mine(Instance.node_id), or_(delivered, superseded, skipped))
             .order_by(Instance.id)
         )
         if limit is not None:
@@ -816,6 +855,20 @@ class Repository:
             for chunk in _chunks(wanted):
                 for r in s.scalars(select(Verdict).where(Verdict.instance_id.in_(chunk))):
                     out[r.instance_id] = verdict_record(r)
+        return out
+
+    def source_headers(self, ids: Iterable[int]) -> dict[int, bytes]:
+        """Stored source headers keyed by instance id (instances without one are left out)."""
+        wanted = sorted(set(ids))
+        out: dict[int, bytes] = {}
+        with self.db.read_session() as s:
+            for chunk in _chunks(wanted):
+                for instance_id, header in s.execute(
+                    select(Verdict.instance_id, Verdict.source_header).where(
+                        Verdict.instance_id.in_(chunk), Verdict.source_header.is_not(None)
+                    )
+                ):
+                    out[instance_id] = bytes(header)
         return out
 
     def status_summary(self, error_limit: int = 10) -> StatusSummary:
@@ -893,7 +946,9 @@ class Repository:
                 self._event(s, "node", None, None, None, now, event="orphan spool file quarantined", path=key, to=str(target))
             rows = s.execute(
                 select(Instance.id, Instance.status, Instance.spool_path).where(
-                    Instance.status.in_(("received", "analysing")), Instance.spool_path.is_not(None)
+                    Instance.status.in_(("received", "analysing")),
+                    Instance.spool_path.is_not(None),
+                    self._mine(Instance.node_id),
                 )
             ).all()
             for instance_id, status, path in rows:

@@ -42,6 +42,8 @@ logger = logging.getLogger(__name__)
 
 SUFFIX = ".dcm"
 TEMP_SUFFIX = ".tmp"
+# Holds the spool's node id (see Spool.node_id); a dot file, so never taken for a spool object.
+NODE_ID_FILE = ".dski-node-id"
 _FULL_ERRNOS = {errno.ENOSPC, errno.EDQUOT}
 # A streamed object has no size up front: free space is re-checked after this many bytes.
 _RECHECK_BYTES = 16 * 1024 * 1024
@@ -72,6 +74,36 @@ class Spool:
         self.root = Path(root).absolute()
         self.min_free_bytes = int(min_free_bytes)
         self.root.mkdir(parents=True, exist_ok=True)
+        self._node_id: str | None = None
+
+    @property
+    def node_id(self) -> str:
+        """Stable identity of this spool, created on first use in ``root/.dski-node-id``.
+
+        Several nodes sharing one database each have their own spool; this id, stamped
+        on every row whose file lives here, tells a node which rows it can serve. It
+        moves with the spool folder: a spool restored on another machine keeps its work.
+        """
+        if self._node_id is None:
+            path = self.root / NODE_ID_FILE
+            if not path.exists():
+                temp = self.root / f".{uuid.uuid4().hex}{TEMP_SUFFIX}"
+                with open(temp, "w", encoding="ascii") as fh:
+                    fh.write(uuid.uuid4().hex + "\n")
+                    fh.flush()
+                    os.fsync(fh.fileno())
+                try:
+                    os.link(temp, path)  # fails if another process created it first: theirs wins
+                except FileExistsError:
+                    pass
+                finally:
+                    temp.unlink()
+                _fsync_dir(self.root)
+            value = path.read_text(encoding="ascii").strip()
+            if not value or len(value) > 64:
+                raise SpoolPathError(path, "node id file is empty or longer than 64 characters")
+            self._node_id = value
+        return self._node_id
 
     # -- paths ---------------------------------------------------------------
 

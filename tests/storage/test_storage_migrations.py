@@ -19,7 +19,7 @@ def test_migrate_creates_schema_from_empty_and_is_idempotent(tmp_path: Path) -> 
         assert db.current_revision() is None
         db.migrate()
         db.migrate()
-        assert db.current_revision() == "0001"
+        assert db.current_revision() == "0002"
         insp = inspect(db.engine)
         assert set(insp.get_table_names()) == TABLES
         indexes = {i["name"] for i in insp.get_indexes("instances")}
@@ -65,7 +65,7 @@ def test_concurrent_migrate_on_one_file(tmp_path: Path) -> None:
     for t in threads:
         t.join()
     assert errors == []
-    assert Database(url).current_revision() == "0001"
+    assert Database(url).current_revision() == "0002"
 
 
 def test_migrations_are_package_files() -> None:

@@ -1,24 +1,17 @@
 """The same claims against a throwaway PostgreSQL cluster (FOR UPDATE SKIP LOCKED path).
 
-Skipped when the PostgreSQL server binaries or psycopg are missing. initdb refuses
-to run as root, so under root the cluster runs as ``nobody`` through runuser.
+Skipped when the PostgreSQL server binaries or psycopg are missing. The cluster comes
+from ``tests.pgserver`` (under root it runs as ``nobody``: initdb refuses root).
 """
 
 from __future__ import annotations
 
-import glob
 import itertools
 import os
-import pwd
-import shutil
-import socket
-import subprocess
-import tempfile
 import threading
 from collections import Counter
 from collections.abc import Iterator
 from datetime import datetime, timedelta, timezone
-from pathlib import Path
 
 import pytest
 
@@ -31,72 +24,22 @@ from sqlalchemy import create_engine, text  # noqa: E402
 from storage.database import Database  # noqa: E402
 from storage.models import Base  # noqa: E402
 from storage.repository import Repository  # noqa: E402
+from tests.pgserver import PostgresServer, PostgresUnavailable  # noqa: E402
 
 from .conftest import make_verdict  # noqa: E402
 
 
-def _bin_dir() -> Path | None:
-    found = shutil.which("initdb")
-    if found and shutil.which("pg_ctl"):
-        return Path(os.path.realpath(found)).parent
-    for candidate in sorted(glob.glob("/usr/lib/postgresql/*/bin"), reverse=True):
-        if Path(candidate, "initdb").exists() and Path(candidate, "pg_ctl").exists():
-            return Path(candidate)
-    return None
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def pg_url() -> Iterator[str]:
-    bindir = _bin_dir()
-    if bindir is None:
-        pytest.skip("PostgreSQL server binaries (initdb, pg_ctl) not found")
-    prefix: list[str] = []
-    owner = None
-    if os.geteuid() == 0:
-        runuser = shutil.which("runuser")
-        try:
-            owner = pwd.getpwnam("nobody")
-        except KeyError:
-            owner = None
-        if runuser is None or owner is None:
-            pytest.skip("running as root and cannot drop to 'nobody' (initdb refuses root)")
-        prefix = [runuser, "-u", "nobody", "--"]
-    # not under tmp_path: pytest's base folder is private to root, 'nobody' could not enter it
-    base = Path(tempfile.mkdtemp(prefix="dski-pg-"))
-    if owner is not None:
-        os.chown(base, owner.pw_uid, owner.pw_gid)
-    data, log = base / "data", base / "server.log"
-    port = _free_port()
-    env = {**os.environ, "LC_ALL": "C", "LANG": "C"}
-
-    def run(*args: str) -> None:
-        subprocess.run([*prefix, *args], check=True, cwd=base, env=env, capture_output=True, timeout=60)
-
+    server = PostgresServer(max_connections=40)
     try:
-        run(str(bindir / "initdb"), "-D", str(data), "-A", "trust", "-U", "postgres", "-E", "UTF8", "--no-sync")
-        options = f"-p {port} -k {base} -c listen_addresses=127.0.0.1 -c fsync=off -c max_connections=40"
-        run(str(bindir / "pg_ctl"), "-D", str(data), "-l", str(log), "-o", options, "-w", "-t", "30", "start")
-    except (subprocess.CalledProcessError, subprocess.TimeoutExpired) as exc:
-        shutil.rmtree(base, ignore_errors=True)
-        detail = getattr(exc, "stderr", b"") or b""
-        pytest.skip(f"cannot start a throwaway PostgreSQL cluster: {detail.decode(errors='replace')[-300:]}")
+        server.start()
+    except PostgresUnavailable as exc:
+        pytest.skip(str(exc))
     try:
-        yield f"postgresql+psycopg://postgres@127.0.0.1:{port}/postgres"
+        yield server.url()
     finally:
-        pid_file = data / "postmaster.pid"
-        pid = int(pid_file.read_text().split()[0]) if pid_file.exists() else None
-        try:
-            run(str(bindir / "pg_ctl"), "-D", str(data), "-m", "immediate", "-w", "stop")
-        except (subprocess.CalledProcessError, subprocess.TimeoutExpired):
-            if pid is not None:
-                os.kill(pid, 9)  # the postmaster we started, by its PID
-        shutil.rmtree(base, ignore_errors=True)
+        server.stop()
 
 
 _names = itertools.count()
@@ -127,7 +70,7 @@ def _receive(repo: Repository, n: int, series: str = "S") -> int:
 
 def test_pg_schema_matches_models_and_migrate_is_idempotent(pg_db: Database) -> None:
     pg_db.migrate()
-    assert pg_db.current_revision() == "0001"
+    assert pg_db.current_revision() == "0002"
     with pg_db.engine.connect() as conn:
         assert compare_metadata(MigrationContext.configure(conn, opts={"compare_type": True}), Base.metadata) == []
 
@@ -195,3 +138,35 @@ def test_pg_lifecycle_and_timestamptz(pg_db: Database) -> None:
     repo.mark_report_sent(rid)
     assert repo.status_summary().reports["sent"] == 1
     assert repo.requeue_in_progress() == 0
+
+
+def test_pg_node_scoped_claims(pg_db: Database) -> None:
+    """Two nodes on one database: each claims, requeues and dispatches only its own rows
+    (rows without a node id, from before scale-out, belong to every node until one claims them)."""
+    legacy = _receive(Repository(pg_db), 900)  # node_id NULL
+    a, b = Repository(pg_db, node_id="node-a"), Repository(pg_db, node_id="node-b")
+    a_ids = {_receive(a, n) for n in range(910, 914)}
+    b_ids = {_receive(b, n) for n in range(920, 924)}
+    assert {i.id for i in a.claim_received("wa", 100)} == a_ids | {legacy}
+    assert b.requeue_in_progress() == 0  # A's claims (the legacy row adopted by the claim too) are not B's
+    assert {i.id for i in b.claim_received("wb", 100)} == b_ids
+    assert a.claim_received("wa", 100) == []
+    for i in a_ids | {legacy}:
+        a.record_verdict(i, make_verdict(0.2), worker="wa", source_header=b"DICM-header")
+    assert a.source_headers([*a_ids, legacy]) == {i: b"DICM-header" for i in a_ids | {legacy}}
+    assert a.requeue_in_progress() == 0
+    assert b.requeue_in_progress() == len(b_ids)
+    later = datetime.now(timezone.utc) + timedelta(seconds=5)
+    assert a.ready_groups(0, now=later) == []  # series "S" waits for B's instances
+    b.claim_received("wb", 100)
+    for i in b_ids:
+        b.record_verdict(i, make_verdict(0.9), worker="wb")
+    (group,) = a.ready_groups(0, now=later)
+    assert b.ready_groups(0, now=later) == [group]  # either node may build the split series
+    assert set(group.instance_ids) == a_ids | b_ids | {legacy}
+    kwargs = dict(group=group, sop_instance_uid="2.25.77", series_instance_uid="2.25.78", destination="PACS",
+                  path="r", instance_ids=group.instance_ids, instance_count=9, suspected_count=4, max_score=0.9)
+    rid = a.create_report(**kwargs)
+    assert b.create_report(**kwargs) is None  # the same SR built by B too: one outbox row
+    assert b.claim_due_reports() == []  # A built it, A's reports_dir has the file: A sends it
+    assert [r.id for r in a.claim_due_reports()] == [rid]

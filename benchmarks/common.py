@@ -1,0 +1,168 @@
+"""Helpers shared by the benchmark scripts: test objects, dcmtk runners, machine facts, statistics.
+
+Every benchmark measures our code and its reference in the same run, alternating,
+and prints ratios: on a shared or busy machine absolute numbers drift, ratios of
+interleaved runs much less. ``machine_facts()`` records what the numbers ran on,
+including the load average, so a contended run is recognisable as one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import pydicom
+from pydicom.uid import generate_uid
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+_SYSTEM_DIRS = ("/usr/bin", "/usr/sbin", "/usr/local/bin", "/usr/local/sbin")
+
+
+def require(binary: str) -> str:
+    """Absolute path of dcmtk's ``binary``. pynetdicom installs Python tools with the same names
+    (storescu, storescp) into the virtual environment's bin, which comes first on PATH: skip those."""
+    for directory in _SYSTEM_DIRS:
+        candidate = Path(directory) / binary
+        if candidate.is_file() and os.access(candidate, os.X_OK):
+            return str(candidate)
+    found = shutil.which(binary)
+    if found and Path(found).parent != Path(sys.executable).parent:
+        return found
+    raise SystemExit(f"{binary} (dcmtk) not found: apt-get install dcmtk")
+
+
+def _ct_template() -> pydicom.Dataset:
+    """pydicom's CT_small.dcm (128x128, 16 bit: a 39 kB file), found without the network."""
+    import pydicom.data
+
+    folder = Path(pydicom.data.__file__).parent / "test_files"
+    path = folder / "CT_small.dcm"
+    if not path.is_file():
+        path = Path(pydicom.data.get_testdata_file("CT_small.dcm"))
+    return pydicom.dcmread(path)
+
+
+def make_ct_instances(out: Path, count: int, *, per_series: int = 200) -> list[Path]:
+    """``count`` CT instances of about 40 kB (new UIDs; ``per_series`` per series, one study)."""
+    template = _ct_template()
+    out.mkdir(parents=True, exist_ok=True)
+    study = generate_uid()
+    series = generate_uid()
+    files = []
+    for i in range(count):
+        if i and i % per_series == 0:
+            series = generate_uid()
+        ds = template.copy()
+        ds.StudyInstanceUID = study
+        ds.SeriesInstanceUID = series
+        ds.SOPInstanceUID = generate_uid()
+        ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+        ds.InstanceNumber = i % per_series + 1
+        ds.PatientID = "BENCH-1"
+        ds.PatientName = "BENCH^RECEIVE"
+        path = out / f"ct-{i:05d}.dcm"
+        ds.save_as(path, enforce_file_format=True)
+        files.append(path)
+    return files
+
+
+def split(items: Sequence[Any], parts: int) -> list[list[Any]]:
+    """``parts`` round-robin slices of ``items`` (sizes differ by at most one)."""
+    return [list(items[i::parts]) for i in range(parts)]
+
+
+def storescu_command(port: int, files: Sequence[Path], *, aet: str = "STORESCU", called: str = "DSKI") -> list[str]:
+    return [require("storescu"), "-aet", aet, "-aec", called, "127.0.0.1", str(port), *map(str, files)]
+
+
+def run_storescu_parallel(
+    port: int | Sequence[int], batches: Sequence[Sequence[Path]], *, timeout: float = 600.0, called: str = "DSKI"
+) -> float:
+    """One storescu (one association) per batch, all at once; returns the wall seconds until
+    the last one exits. Several ports: batch i goes to port i % len(ports) (a round-robin
+    balancer). TCP_NODELAY=1: without it delayed ACKs cost ~40 ms per instance."""
+    ports = [port] if isinstance(port, int) else list(port)
+    env = {**os.environ, "TCP_NODELAY": "1"}
+    started = time.perf_counter()
+    procs = [
+        subprocess.Popen(
+            storescu_command(ports[i % len(ports)], b, called=called), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env
+        )
+        for i, b in enumerate(batches)
+    ]
+    failures = []
+    for p in procs:
+        out, _ = p.communicate(timeout=timeout)
+        if p.returncode != 0:
+            failures.append(out.decode(errors="replace")[-1500:])
+    elapsed = time.perf_counter() - started
+    if failures:
+        raise RuntimeError("storescu failed:\n" + "\n----\n".join(failures))
+    return elapsed
+
+
+def wait_port(port: int, timeout: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.05)
+    raise TimeoutError(f"nothing listens on port {port} after {timeout}s")
+
+
+def machine_facts() -> dict[str, Any]:
+    facts: dict[str, Any] = {
+        "hostname": platform.node(),
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "cpus": os.cpu_count(),
+        "loadavg": list(os.getloadavg()),
+    }
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                facts["cpu_model"] = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    try:
+        out = subprocess.run([require("storescp"), "--version"], capture_output=True, text=True, timeout=10).stdout
+        facts["dcmtk"] = out.strip().splitlines()[0]
+    except (OSError, SystemExit, subprocess.SubprocessError, IndexError):
+        pass
+    return facts
+
+
+def percentile(values: Sequence[float], q: float) -> float:
+    """Nearest-rank percentile (q in [0, 100])."""
+    if not values:
+        return float("nan")
+    ordered = sorted(values)
+    rank = max(1, min(len(ordered), round(q / 100 * len(ordered) + 0.5)))
+    return ordered[rank - 1]
+
+
+def median(values: Sequence[float]) -> float:
+    return statistics.median(values) if values else float("nan")
+
+
+def write_json(path: Path, data: Any) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(data, indent=2, default=str) + "\n")

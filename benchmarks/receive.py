@@ -1,0 +1,387 @@
+"""Receive throughput of the node against dcmtk storescp, and C-STORE latency under scoring load.
+
+    python -m benchmarks.receive [--count 1000] [--reps 3] [--assocs 1,8] [--postgres]
+        [--latency-count 300] [--scorer-threads 2] [--no-latency] [--out benchmarks/out/receive.json]
+
+Throughput: ``--count`` CT instances of about 40 kB (pydicom's CT_small.dcm with new
+UIDs, written to a temporary folder) are sent by dcmtk ``storescu`` (``TCP_NODELAY=1``)
+over 1 association, and split over 8 concurrent associations (8 storescu processes),
+into
+
+- (a) **node**: the node's receive path in its own process (``--serve-node``, below):
+  ``listener.scp.StorageSCP`` with the real ``storage.spool.Spool`` (temp name, fsync,
+  atomic rename, directory fsync) and the real ``Repository`` on SQLite (WAL,
+  ``synchronous=FULL``, one committed row before each success status), INFO logging to a
+  file as in production. The detector and workers are not started: this is the receive
+  path alone (``detector.workers`` cannot be 0 in ``dski serve``).
+- (b) **storescp**: ``storescp --fork +B -od DIR`` (a process per association, bit-preserving
+  write of the received stream, i.e. no decode/re-encode, as the node does). storescp does
+  not fsync: the reference is faster than any durable receiver can be on a slow disk.
+  ``TCP_NODELAY=1`` is set for storescp as for storescu (dcmtk reads it on both ends).
+
+With ``--postgres`` the same runs go, in addition, into 1 and 2 node processes sharing one
+fresh database on a throwaway PostgreSQL cluster (``tests.pgserver``, fsync on), the
+associations dealt round-robin to the processes as a TCP load balancer would ("pg1",
+"pg2"; "pg2" only with several associations).
+
+Each repetition runs node and storescp back to back, alternating which goes first, with
+fresh output folders, so that a busy machine hits both alike. Printed: instances/s of each
+run, the median, and the ratio node/storescp per association count (median of the
+per-repetition ratios).
+
+Latency: a pynetdicom SCU in this process sends ``--latency-count`` instances one at a
+time over one association and times each C-STORE request until its response (so the
+figure includes ~1 ms of pynetdicom client encoding; the client socket gets TCP_NODELAY,
+as dcmtk does with ``TCP_NODELAY=1``). Measured against the node process
+idle, then against the node process while ``--scorer-threads`` threads inside that same
+process emulate a CPU-saturating scorer: each loops over decode a CT (pydicom, holds the
+GIL) -> numpy percentile window -> torch matmuls on every core (releases the GIL), which
+is the shape of the real worker's prepare + forward. Printed: p50/p99/max in ms.
+
+TODO(latency with the real scorer): the load above is a synthetic stand-in. The real
+measurement is ``dski serve`` with the default bundle (ViT-B-16) and a backlog of a few
+thousand received instances, with latency taken while its workers run; it needs the
+trained bundle, which this script does not build.
+
+Machine facts (CPU count, load average before and after) go into the JSON result: on a
+shared machine, a high load average marks the run as contended.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from benchmarks.common import (
+    free_port,
+    machine_facts,
+    make_ct_instances,
+    median,
+    percentile,
+    require,
+    run_storescu_parallel,
+    split,
+    wait_port,
+    write_json,
+)
+
+REPO = Path(__file__).resolve().parent.parent
+NODE_AET = "DSKI"
+
+
+# --------------------------------------------------------------------------- node receiver process
+
+
+def node_config(root: Path, port: int, database_url: str | None = None) -> dict[str, Any]:
+    return {
+        "listener": {
+            "ae_title": NODE_AET,
+            "host": "127.0.0.1",
+            "port": port,
+            "calling_aes": [{"ae_title": "STORESCU", "host": "127.0.0.1"}],
+            "max_associations": 16,
+        },
+        "storage": {
+            "database_url": database_url or f"sqlite:///{root / 'dski.sqlite3'}",
+            "spool_dir": str(root / "spool"),
+            "reports_dir": str(root / "reports"),
+            "quarantine_dir": str(root / "quarantine"),
+            "min_free_bytes": 0,
+        },
+        "logging": {"level": "INFO", "json": False},
+    }
+
+
+def _scorer_load(stop: threading.Event, ct_bytes: bytes, counter: list[int]) -> None:
+    """One emulated worker: decode (GIL held) -> window (numpy) -> forward-like matmuls (GIL released)."""
+    import numpy as np
+    import pydicom
+    import torch
+
+    weights = torch.randn(384, 384)
+    with torch.inference_mode():
+        while not stop.is_set():
+            ds = pydicom.dcmread(io.BytesIO(ct_bytes))
+            pixels = ds.pixel_array.astype(np.float32)
+            lo, hi = np.percentile(pixels, [0.5, 99.5])
+            x = torch.from_numpy(np.clip((pixels - lo) / max(hi - lo, 1e-6), 0, 1)).float().reshape(-1, 128)
+            x = torch.nn.functional.pad(x, (0, 256)).repeat(3, 1)[:384]
+            for _ in range(20):
+                x = torch.tanh(x @ weights)
+            counter[0] += 1
+
+
+def serve_node(root: Path, port: int, scorer_threads: int, database_url: str | None = None) -> int:
+    """The node's receive path (listener + spool + SQLite repository) until stdin closes."""
+    sys.path.insert(0, str(REPO))
+    from listener.config import parse_config
+    from listener.logging_setup import configure as configure_logging
+    from listener.scp import StorageSCP
+    from storage.database import Database
+    from storage.repository import Repository
+    from storage.spool import Spool
+
+    cfg = parse_config(node_config(root, port, database_url))
+    configure_logging(cfg.logging)
+    db = Database(cfg.storage.database_url)
+    db.migrate()
+    spool = Spool(cfg.storage.spool_dir, cfg.storage.min_free_bytes)
+    repo = Repository(db, node_id=spool.node_id)
+    scp = StorageSCP(cfg, spool, repo)
+    scp.start()
+    stop = threading.Event()
+    counter = [0]
+    threads = []
+    if scorer_threads:
+        from benchmarks.common import _ct_template
+
+        buf = io.BytesIO()
+        _ct_template().save_as(buf, enforce_file_format=True)
+        for _ in range(scorer_threads):
+            t = threading.Thread(target=_scorer_load, args=(stop, buf.getvalue(), counter), daemon=True)
+            t.start()
+            threads.append(t)
+        time.sleep(1.0)  # let the load ramp up before the client starts
+    print("READY", flush=True)
+    sys.stdin.read()  # the parent closes stdin to stop us
+    stop.set()
+    scp.stop(0)
+    for t in threads:
+        t.join(10)
+    from sqlalchemy import func, select
+
+    from storage.models import Instance
+
+    with db.read_session() as s:
+        rows = s.scalar(select(func.count()).select_from(Instance))
+    db.dispose()
+    print(json.dumps({"rows": rows, "scorer_iterations": counter[0]}), flush=True)
+    return 0
+
+
+class NodeReceiver:
+    def __init__(self, root: Path, scorer_threads: int = 0, database_url: str | None = None) -> None:
+        self.root = root
+        self.port = free_port()
+        self.scorer_threads = scorer_threads
+        root.mkdir(parents=True, exist_ok=True)
+        self.log = open(root / "node.log", "wb")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "benchmarks.receive", "--serve-node", str(root), str(self.port),
+             "--scorer-threads", str(scorer_threads), *(["--database-url", database_url] if database_url else [])],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.log, cwd=REPO, text=True,
+        )
+        line = self.proc.stdout.readline()
+        if line.strip() != "READY":
+            self.proc.kill()
+            raise RuntimeError(f"node receiver did not start: {line!r}; see {root / 'node.log'}")
+
+    def stop(self) -> dict[str, Any]:
+        out, _ = self.proc.communicate("", timeout=120)
+        self.log.close()
+        return json.loads(out.strip().splitlines()[-1])
+
+
+class StorescpReceiver:
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.out = root / "out"
+        self.out.mkdir(parents=True, exist_ok=True)
+        self.port = free_port()
+        self.proc = subprocess.Popen(
+            [require("storescp"), "--fork", "+B", "-aet", NODE_AET, "-od", str(self.out), str(self.port)],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            env={**os.environ, "TCP_NODELAY": "1"},  # dcmtk reads it on both ends
+        )
+        wait_port(self.port)
+
+    def stop(self) -> dict[str, Any]:
+        self.proc.send_signal(signal.SIGTERM)  # the parent we started, by its PID
+        try:
+            self.proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+        return {"files": sum(1 for _ in self.out.iterdir())}
+
+
+# --------------------------------------------------------------------------- measurements
+
+
+def throughput_run(kind: str, root: Path, files: list[Path], assocs: int, pg: Any = None) -> dict[str, Any]:
+    if kind.startswith("pg"):  # "pgK": K node processes sharing one fresh PostgreSQL database
+        url = pg.create_database(root.name.replace("-", "_"))
+        receivers: list[Any] = [NodeReceiver(root / f"node{k}", database_url=url) for k in range(int(kind[2:]))]
+    else:
+        receivers = [NodeReceiver(root) if kind == "node" else StorescpReceiver(root)]
+    try:
+        seconds = run_storescu_parallel([r.port for r in receivers], split(files, assocs))
+    finally:
+        results = [r.stop() for r in receivers]
+    stored = results[0] if not kind.startswith("pg") else {"rows": results[0]["rows"]}  # one shared table
+    got = stored.get("rows", stored.get("files"))
+    if got != len(files):
+        raise RuntimeError(f"{kind}: {got} stored of {len(files)} sent (see {root})")
+    return {"receiver": kind, "associations": assocs, "seconds": seconds, "instances_per_s": len(files) / seconds}
+
+
+def latency_run(root: Path, files: list[Path], scorer_threads: int) -> dict[str, Any]:
+    import pydicom
+    from pynetdicom import AE
+
+    datasets = [pydicom.dcmread(f) for f in files]
+    receiver = NodeReceiver(root, scorer_threads=scorer_threads)
+    times: list[float] = []
+    try:
+        ae = AE(ae_title="STORESCU")
+        ae.add_requested_context(datasets[0].SOPClassUID, datasets[0].file_meta.TransferSyntaxUID)
+        assoc = ae.associate("127.0.0.1", receiver.port, ae_title=NODE_AET)
+        if not assoc.is_established:
+            raise RuntimeError("latency: association refused")
+        # as TCP_NODELAY=1 for dcmtk: pynetdicom writes the command and the data set as separate
+        # PDUs, and Nagle + delayed ACK would add ~40 ms to every store
+        assoc.dul.socket.socket.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        try:
+            for ds in datasets:
+                started = time.perf_counter()
+                status = assoc.send_c_store(ds)
+                times.append((time.perf_counter() - started) * 1000)
+                if status is None or status.Status != 0:
+                    raise RuntimeError(f"latency: store failed: {status}")
+        finally:
+            assoc.release()
+    finally:
+        stored = receiver.stop()
+    if scorer_threads and not stored.get("scorer_iterations"):
+        raise RuntimeError(f"the emulated scorer did not run: see {root / 'node.log'}")
+    return {
+        "scorer_threads": scorer_threads,
+        "count": len(times),
+        "p50_ms": percentile(times, 50),
+        "p99_ms": percentile(times, 99),
+        "max_ms": max(times),
+        "scorer_iterations": stored.get("scorer_iterations", 0),
+        "scorer_iterations_per_s": stored.get("scorer_iterations", 0) / max(sum(times) / 1000, 1e-9),
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--count", type=int, default=1000)
+    parser.add_argument("--reps", type=int, default=3)
+    parser.add_argument("--assocs", default="1,8")
+    parser.add_argument("--latency-count", type=int, default=300)
+    parser.add_argument("--scorer-threads", type=int, default=2)
+    parser.add_argument("--no-latency", action="store_true")
+    parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "out" / "receive.json")
+    parser.add_argument("--postgres", action="store_true",
+                        help="also run 1 and 2 node processes on one throwaway PostgreSQL database (pg1, pg2)")
+    parser.add_argument("--database-url", help=argparse.SUPPRESS)
+    parser.add_argument("--serve-node", nargs=2, metavar=("ROOT", "PORT"), help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.serve_node:
+        return serve_node(Path(args.serve_node[0]), int(args.serve_node[1]), args.scorer_threads, args.database_url)
+
+    require("storescu")
+    require("storescp")
+    assoc_counts = [int(a) for a in args.assocs.split(",")]
+    result: dict[str, Any] = {
+        "command": " ".join([Path(sys.executable).name, "-m", "benchmarks.receive", *(argv or sys.argv[1:])]),
+        "machine_before": machine_facts(),
+        "count": args.count,
+        "runs": [],
+    }
+    with tempfile.TemporaryDirectory(prefix="dski-bench-receive-") as tmp:
+        base = Path(tmp)
+        print(f"generating {args.count} CT instances ...", flush=True)
+        files = make_ct_instances(base / "data", args.count)
+        size = sum(f.stat().st_size for f in files) / len(files)
+        result["mean_file_bytes"] = size
+        print(f"  {size / 1024:.1f} kB each; load average {os.getloadavg()[0]:.2f}; {os.cpu_count()} CPUs", flush=True)
+        pg = None
+        kinds = ["node", "storescp"]
+        if args.postgres:
+            sys.path.insert(0, str(REPO))
+            from tests.pgserver import PostgresServer
+
+            pg = PostgresServer(max_connections=100, fsync=True).start()  # durable, as in production
+            kinds += ["pg1", "pg2"]
+        n = 0
+        for rep in range(args.reps):
+            for assocs in assoc_counts:
+                order = kinds if (rep + assocs) % 2 == 0 else kinds[::-1]
+                for kind in order:
+                    if kind == "pg2" and assocs < 2:
+                        continue
+                    n += 1
+                    run = throughput_run(kind, base / f"run-{n}-{kind}", files, assocs, pg)
+                    run["rep"] = rep
+                    run["loadavg_1m"] = os.getloadavg()[0]
+                    result["runs"].append(run)
+                    print(
+                        f"rep {rep} {assocs} assoc {kind:8s} {run['instances_per_s']:8.1f} inst/s "
+                        f"({run['seconds']:.2f} s, load {run['loadavg_1m']:.2f})",
+                        flush=True,
+                    )
+        if pg is not None:
+            pg.stop()
+        summary = {}
+        for assocs in assoc_counts:
+            rates = {
+                kind: [r["instances_per_s"] for r in result["runs"] if r["receiver"] == kind and r["associations"] == assocs]
+                for kind in ("node", "storescp")
+            }
+            ratios = [a / b for a, b in zip(rates["node"], rates["storescp"], strict=True)]
+            summary[str(assocs)] = {
+                "node_median_per_s": median(rates["node"]),
+                "storescp_median_per_s": median(rates["storescp"]),
+                "ratio_median": median(ratios),
+                "ratios": ratios,
+            }
+            for kind in ("pg1", "pg2"):
+                pg_rates = [r["instances_per_s"] for r in result["runs"] if r["receiver"] == kind and r["associations"] == assocs]
+                if pg_rates:
+                    summary[str(assocs)][f"{kind}_median_per_s"] = median(pg_rates)
+        result["summary"] = summary
+        if not args.no_latency:
+            lat_files = files[: args.latency_count]
+            result["latency"] = [
+                latency_run(base / "latency-idle", lat_files, 0),
+                latency_run(base / "latency-loaded", lat_files, args.scorer_threads),
+            ]
+    result["machine_after"] = machine_facts()
+
+    print()
+    print(f"{'assocs':>6} {'node inst/s':>12} {'storescp inst/s':>16} {'ratio node/storescp':>20}")
+    for assocs, s in result["summary"].items():
+        print(f"{assocs:>6} {s['node_median_per_s']:12.1f} {s['storescp_median_per_s']:16.1f} {s['ratio_median']:20.2f}"
+              f"   (per rep: {', '.join(f'{r:.2f}' for r in s['ratios'])})")
+    for assocs, s in result["summary"].items():
+        for kind, label in (("pg1", "1 node process"), ("pg2", "2 node processes")):
+            if f"{kind}_median_per_s" in s:
+                print(f"{assocs:>6} PostgreSQL, {label}: {s[f'{kind}_median_per_s']:.1f} inst/s "
+                      f"(ratio to storescp {s[f'{kind}_median_per_s'] / s['storescp_median_per_s']:.2f})")
+    for lat in result.get("latency", []):
+        label = "idle" if not lat["scorer_threads"] else f"{lat['scorer_threads']} scorer threads"
+        print(f"C-STORE response, node {label:18s}: p50 {lat['p50_ms']:.1f} ms  p99 {lat['p99_ms']:.1f} ms  "
+              f"max {lat['max_ms']:.1f} ms  ({lat['count']} stores)")
+    print(f"load average before {result['machine_before']['loadavg'][0]:.2f}, after {result['machine_after']['loadavg'][0]:.2f}"
+          f" on {os.cpu_count()} CPUs")
+    write_json(args.out, result)
+    print(f"written {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
