@@ -96,6 +96,11 @@ def send_dataset(
                 return SendResult(
                     False, None, f"{target} accepted no presentation context for SOP class {ds.SOPClassUID}"
                 )
+            if assoc.is_aborted and not assoc.rejected_contexts and not assoc.accepted_contexts:
+                # pynetdicom reports a refused or failed TCP connection as an abort too
+                return SendResult(
+                    False, None, f"no association with {target}: connection refused, unreachable or aborted"
+                )
             if assoc.is_aborted:
                 return SendResult(False, None, f"association aborted during negotiation with {target}")
             return SendResult(False, None, f"no association with {target} (connection refused or timed out)")
