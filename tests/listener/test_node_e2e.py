@@ -23,7 +23,7 @@ from pydicom.uid import generate_uid
 
 from listener.config import NodeConfig, parse_config
 from listener.node import Node
-from tests.nodeproc import build_tiny_bundle
+from tests.nodeproc import build_tiny_bundle, make_series
 from tests.peers import OrthancServer, dciodvfy_errors, echoscu, free_port, storescu
 
 pytestmark = pytest.mark.e2e
@@ -127,27 +127,8 @@ def env(tiny_bundle: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator
             node.stop()
 
 
-def _series(source: str, out: Path, count: int, study_uid: str, *, patient: str = "E2E^PATIENT") -> list[Path]:
-    """``count`` instances of one new series in ``study_uid``, copied from a pydicom test file."""
-    template = pydicom.dcmread(get_testdata_file(source))
-    series_uid = generate_uid()
-    out.mkdir(parents=True, exist_ok=True)
-    files = []
-    for i in range(count):
-        ds = template.copy()
-        ds.StudyInstanceUID = study_uid
-        ds.SeriesInstanceUID = series_uid
-        ds.SOPInstanceUID = generate_uid()
-        ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
-        ds.InstanceNumber = i + 1
-        ds.PatientName = patient
-        ds.PatientID = "E2E-1"
-        ds.AccessionNumber = "ACC1"
-        ds.StudyID = "1"
-        path = out / f"{source.split('.')[0]}-{i}.dcm"
-        ds.save_as(path, enforce_file_format=True)
-        files.append(path)
-    return files
+def _series(source: str, out: Path, count: int, study_uid: str) -> list[Path]:
+    return make_series(out, count, study_uid, source=source, patient="E2E^PATIENT", patient_id="E2E-1")
 
 
 def _non_image(out: Path, study_uid: str) -> Path:
