@@ -14,7 +14,6 @@ from pathlib import Path
 from typing import Any
 
 import open_clip
-import torch
 from torch import nn
 
 from detector.errors import CheckpointError
