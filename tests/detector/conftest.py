@@ -22,6 +22,15 @@ from PIL import Image
 NOISE_SIGMA = 0.03
 
 
+@pytest.fixture(autouse=True)
+def _one_torch_thread():
+    """Detector tests run single-threaded: faster and steadier on the shared 2-core machines."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 def _generator_kernel(name: str) -> np.ndarray:
     """(4, 4) transposed-convolution kernel: bilinear upsampling plus a fixed random perturbation,
     each of the four output phases normalised to sum 1 (keeps brightness, leaves the checkerboard)."""

@@ -27,12 +27,6 @@ from detector.retrieval import SupportEntry
 from detector.spec import BackboneSpec, ModelSpec
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture()

@@ -25,12 +25,6 @@ from detector.cli import app
 SIZE = 128
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def _run(args: list[str]) -> str:

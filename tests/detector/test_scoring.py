@@ -20,12 +20,6 @@ from detector.preprocess import prepare_file
 from detector.retrieval import SupportEntry
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture()
