@@ -115,9 +115,19 @@ class Destination(_Strict):
     host: str
     port: int = Field(ge=1, le=65535)
     tls: bool = False
-    ca_certificates: Path | None = None
+    ca_certificates: Path | None = None  # CA bundle that signed the PACS certificate (else the system store)
+    certificate: Path | None = None      # the node's client certificate, for a PACS that requires one
+    private_key: Path | None = None
 
     _ae = field_validator("ae_title")(_check_ae_title)
+
+    @model_validator(mode="after")
+    def _client_pair(self) -> "Destination":
+        if (self.certificate is None) != (self.private_key is None):
+            raise ValueError("a client certificate needs both certificate and private_key")
+        if self.certificate is not None and not self.tls:
+            raise ValueError("certificate and private_key are only used with tls: true")
+        return self
 
 
 class DispatchConfig(_Strict):
@@ -167,22 +177,29 @@ class NodeConfig(_Strict):
         """Relative paths in the file are relative to the file's folder, not to the working directory."""
 
         def fix(p: Path | None) -> Path | None:
-            return None if p is None or p.is_absolute() else (base / p).resolve()
+            return p if p is None or p.is_absolute() else (base / p).resolve()
 
         storage = self.storage.model_copy(
             update={
-                "spool_dir": fix(self.storage.spool_dir) or self.storage.spool_dir,
-                "reports_dir": fix(self.storage.reports_dir) or self.storage.reports_dir,
-                "quarantine_dir": fix(self.storage.quarantine_dir) or self.storage.quarantine_dir,
+                "spool_dir": fix(self.storage.spool_dir),
+                "reports_dir": fix(self.storage.reports_dir),
+                "quarantine_dir": fix(self.storage.quarantine_dir),
                 "database_url": _resolve_sqlite_url(self.storage.database_url, base),
             }
         )
-        detector = self.detector.model_copy(update={"bundle": fix(self.detector.bundle) or self.detector.bundle})
+        detector = self.detector.model_copy(update={"bundle": fix(self.detector.bundle)})
         tls = self.listener.tls.model_copy(
             update={k: fix(getattr(self.listener.tls, k)) for k in ("certificate", "private_key", "ca_certificates")}
         )
         listener = self.listener.model_copy(update={"tls": tls})
-        return self.model_copy(update={"storage": storage, "detector": detector, "listener": listener})
+        destinations = tuple(
+            d.model_copy(update={k: fix(getattr(d, k)) for k in ("ca_certificates", "certificate", "private_key")})
+            for d in self.dispatch.destinations
+        )
+        dispatch = self.dispatch.model_copy(update={"destinations": destinations})
+        return self.model_copy(
+            update={"storage": storage, "detector": detector, "listener": listener, "dispatch": dispatch}
+        )
 
 
 def _resolve_sqlite_url(url: str, base: Path) -> str:

@@ -76,6 +76,8 @@ def send_dataset(
                 ssl.Purpose.SERVER_AUTH,
                 cafile=str(dest.ca_certificates) if dest.ca_certificates else None,
             )
+            if dest.certificate is not None and dest.private_key is not None:
+                context.load_cert_chain(str(dest.certificate), str(dest.private_key))
         except (OSError, ssl.SSLError) as exc:
             return SendResult(False, None, f"TLS set-up for {target} failed: {exc}")
         tls_args = (context, dest.host)

@@ -149,3 +149,37 @@ def test_serve_refuses_an_invalid_config(tmp_path: Path) -> None:
     result = runner.invoke(app, ["serve", "--config", str(_write(tmp_path, {"listener": {"prot": 1}}))])
     assert result.exit_code == 2
     assert "listener.prot" in result.output
+
+
+def test_absolute_and_relative_paths_resolve_against_the_config_folder(tmp_path) -> None:
+    from listener.config import load_config
+
+    cert = tmp_path / "abs" / "node.pem"
+    (tmp_path / "conf").mkdir()
+    path = tmp_path / "conf" / "config.yaml"
+    path.write_text(
+        f"""
+listener:
+  tls: {{enabled: true, certificate: {cert}, private_key: keys/node.key}}
+dispatch:
+  destinations:
+    - {{name: PACS, ae_title: PACS, host: 127.0.0.1, port: 104, tls: true,
+        ca_certificates: ca.pem, certificate: {cert}, private_key: keys/node.key}}
+"""
+    )
+    cfg = load_config(path)
+    assert cfg.listener.tls.certificate == cert
+    assert cfg.listener.tls.private_key == tmp_path / "conf" / "keys" / "node.key"
+    (dest,) = cfg.dispatch.destinations
+    assert dest.ca_certificates == tmp_path / "conf" / "ca.pem"
+    assert dest.certificate == cert
+
+
+def test_destination_client_certificate_needs_its_key() -> None:
+    import pytest
+
+    from listener.config import ConfigError, parse_config
+
+    with pytest.raises(ConfigError, match="certificate and private_key"):
+        parse_config({"dispatch": {"destinations": [
+            {"name": "P", "ae_title": "P", "host": "h", "port": 104, "tls": True, "certificate": "c.pem"}]}})

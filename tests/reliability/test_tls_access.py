@@ -220,8 +220,7 @@ def test_tls_listener_requires_a_client_certificate_from_the_ca(tmp_path: Path, 
 # --------------------------------------------------------------------------- TLS from the dispatcher to the PACS
 
 
-@pytest.fixture
-def tls_pacs(pki: PKI) -> Iterator[tuple[int, list[str]]]:
+def _tls_pacs(pki: PKI, *, require_client: bool) -> Iterator[tuple[int, list[str]]]:
     """A pynetdicom C-STORE SCP speaking TLS only, with the server certificate; yields (port, stored UIDs)."""
     received: list[str] = []
 
@@ -231,6 +230,9 @@ def tls_pacs(pki: PKI) -> Iterator[tuple[int, list[str]]]:
 
     context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     context.load_cert_chain(str(pki.server_cert), str(pki.server_key))
+    if require_client:
+        context.verify_mode = ssl.CERT_REQUIRED
+        context.load_verify_locations(cafile=str(pki.ca))
     ae = AE(ae_title="TLSPACS")
     ae.add_supported_context(CTImageStorage, [ExplicitVRLittleEndian, "1.2.840.10008.1.2"])
     ae.add_supported_context(Verification)
@@ -242,9 +244,20 @@ def tls_pacs(pki: PKI) -> Iterator[tuple[int, list[str]]]:
         server.shutdown()
 
 
-def _destination(port: int, ca: Path | None, tls: bool = True) -> Destination:
+@pytest.fixture
+def tls_pacs(pki: PKI) -> Iterator[tuple[int, list[str]]]:
+    yield from _tls_pacs(pki, require_client=False)
+
+
+@pytest.fixture
+def mutual_tls_pacs(pki: PKI) -> Iterator[tuple[int, list[str]]]:
+    yield from _tls_pacs(pki, require_client=True)
+
+
+def _destination(port: int, ca: Path | None, tls: bool = True, client: tuple[Path, Path] | None = None) -> Destination:
     return Destination(name="PACS", ae_title="TLSPACS", host="127.0.0.1", port=port, tls=tls,
-                       ca_certificates=ca)
+                       ca_certificates=ca, certificate=client[0] if client else None,
+                       private_key=client[1] if client else None)
 
 
 def test_dispatch_over_tls_to_the_pacs(tls_pacs: tuple[int, list[str]], pki: PKI) -> None:
@@ -262,6 +275,21 @@ def test_dispatch_over_tls_refuses_a_pacs_it_cannot_verify(tls_pacs: tuple[int, 
     plain = send_dataset(image_dataset(), _destination(port, None, tls=False), calling_ae="DSKI", timeout=5)
     assert not plain.ok  # plain DICOM to a TLS-only port
     assert received == []
+
+
+def test_dispatch_presents_its_client_certificate_to_a_pacs_that_requires_one(
+    mutual_tls_pacs: tuple[int, list[str]], pki: PKI
+) -> None:
+    port, received = mutual_tls_pacs
+    anonymous = send_dataset(image_dataset(), _destination(port, pki.ca), calling_ae="DSKI", timeout=10)
+    assert not anonymous.ok  # no client certificate: the PACS refuses the handshake
+    rogue = send_dataset(image_dataset(), _destination(port, pki.ca, client=(pki.rogue_client_cert, pki.rogue_client_key)),
+                         calling_ae="DSKI", timeout=10)
+    assert not rogue.ok
+    ds = image_dataset()
+    good = send_dataset(ds, _destination(port, pki.ca, client=(pki.client_cert, pki.client_key)), calling_ae="DSKI", timeout=10)
+    assert good.ok, good.error
+    assert received == [ds.SOPInstanceUID]
 
 
 # --------------------------------------------------------------------------- maximum associations
