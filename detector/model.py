@@ -158,6 +158,8 @@ class DSKIModel(ForensicModel):
         """The adapted CLIP image embedding, (B, D), not normalised."""
         self._check_inputs(semantic, noise, self.image_size)
         tokens = self.noise_encoder(noise)
+        # The ViT may run in another dtype than its fp32 input (``detector.precision``, bf16).
+        semantic = semantic.to(self.backbone.visual.conv1.weight.dtype)
         with self._noise_context.bind(tokens):
             return self.backbone.visual(semantic)
 
