@@ -29,6 +29,7 @@ from pydicom.dataset import Dataset
 
 from detector.bundle import LoadedBundle, load_bundle
 from detector.errors import PreprocessError
+from detector.precision import PRECISIONS, apply_precision
 from detector.preprocess import PreparedImage, PreprocessConfig, prepare_dataset, prepare_file
 from detector.retrieval import SupportBank, fuse
 
@@ -108,12 +109,20 @@ class Detector:
         # bank stays on the CPU, embeddings come back to it for retrieval.
         self.model = bundle.model.to(self.device)
         self.batch_size = batch_size
+        self.precision = "fp32"
 
     @classmethod
     def load(cls, path: Path | str, device: str | torch.device = "cpu",
-             batch_size: int = DEFAULT_BATCH_SIZE) -> Detector:
+             batch_size: int = DEFAULT_BATCH_SIZE, precision: str = "fp32") -> Detector:
+        """Load a bundle; ``precision`` "bf16" or "int8-dynamic" opts into ``detector.precision``."""
         device = resolve_device(device)  # fail before the (slow) load
-        return cls(load_bundle(path, device=device), device=device, batch_size=batch_size)
+        if precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+        bundle = load_bundle(path, device=device)
+        apply_precision(bundle.model, precision)
+        detector = cls(bundle, device=device, batch_size=batch_size)
+        detector.precision = precision
+        return detector
 
     # ----------------------------------------------------------------- identity
     @property
