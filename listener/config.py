@@ -100,6 +100,7 @@ class DetectorConfig(_Strict):
     batch_size: int = Field(8, ge=1, le=512)
     workers: int = Field(1, ge=1, le=64)
     torch_threads: int = Field(0, ge=0)  # 0: let torch decide
+    precision: Literal["fp32", "bf16", "int8-dynamic"] = "fp32"  # see docs/performance.md before changing
 
 
 class ProcessingConfig(_Strict):

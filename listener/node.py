@@ -43,7 +43,12 @@ def load_detector(cfg: NodeConfig) -> Any:
 
     if cfg.detector.torch_threads > 0:
         torch.set_num_threads(cfg.detector.torch_threads)
-    return Detector.load(cfg.detector.bundle, device=cfg.detector.device, batch_size=cfg.detector.batch_size)
+    return Detector.load(
+        cfg.detector.bundle,
+        device=cfg.detector.device,
+        batch_size=cfg.detector.batch_size,
+        precision=cfg.detector.precision,
+    )
 
 
 class Node:
