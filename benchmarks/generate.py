@@ -21,6 +21,7 @@ import argparse
 import json
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -79,6 +80,26 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+MAX_REDRAWS = 8
+_REDRAW_STREAM = 0x5EED
+
+
+def _redraw(model: Any, generator: str, m_index: int, i: int, seed: int) -> np.ndarray:
+    """A replacement for a sample that came out non-finite (a flow's inverse can overflow on
+    tail noise): new noise from a seed derived from the image's own, decoded alone, so the
+    replacement is as deterministic as the rest. Redrawn indices are listed in the manifest."""
+    for attempt in range(1, MAX_REDRAWS + 1):
+        base = torch_seed(seed, m_index, i, generator)
+        derived = np.random.SeedSequence([base, attempt, _REDRAW_STREAM]).generate_state(2, np.uint64)[0]
+        rng = torch.Generator().manual_seed(int(derived >> np.uint64(1)))
+        noise = torch.randn(model.noise_shape(), generator=rng)[None]
+        labels = torch.full((1,), m_index, dtype=torch.long)
+        img = ((model.decode(noise, labels) + 1.0) / 2.0)[0, 0].numpy().astype(np.float64)
+        if np.all(np.isfinite(img)):
+            return img
+    raise ValueError(f"{generator}: sample {i} of modality {m_index} stayed non-finite after {MAX_REDRAWS} redraws")
+
+
 def generate(args: argparse.Namespace) -> dict[str, object]:
     from contextlib import nullcontext
 
@@ -134,6 +155,7 @@ def generate(args: argparse.Namespace) -> dict[str, object]:
             progress.update(task, total=len(pydicom_files))
 
         weights_info = {}
+        redrawn: dict[str, dict[str, list[int]]] = {}
         for g in generators:
             model = load(g, args.weights)
             sidecar = load_sidecar(args.weights, g)
@@ -156,6 +178,9 @@ def generate(args: argparse.Namespace) -> dict[str, object]:
                     for i, img in zip(idx, images):
                         if i >= n_fake:
                             break
+                        if not np.all(np.isfinite(img)):
+                            img = _redraw(model, g, m_index, i, args.seed)
+                            redrawn.setdefault(m, {}).setdefault(g, []).append(i)
                         write_image(out, m, g, f"{g}_{m}_{i:05d}", img, fmt=args.format, bit_depth=args.bit_depth,
                                     key=(args.seed, m, g, i), window=FAKE_WINDOWS.get(m))
                         progress.advance(task)
@@ -170,6 +195,7 @@ def generate(args: argparse.Namespace) -> dict[str, object]:
         "modalities": modalities, "generators": generators,
         "holdout_generators": holdout, "seen_generators": [g for g in generators if g not in holdout],
         "weights": weights_info, "pydicom_reals": pydicom_files, "counts": counts,
+        "redrawn_non_finite": redrawn,
     }
     (out / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
     return manifest
