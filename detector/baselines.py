@@ -29,7 +29,27 @@ from detector.spec import ModelSpec
 __all__ = ["BasicBlock", "CNNSpotModel", "NPRModel", "SmallResNet", "UnivFDModel"]
 
 
-class UnivFDModel(ForensicModel):
+class _FeatureClassifier(ForensicModel):
+    """A baseline that scores one feature vector: the embedding is the normalised feature,
+    the logits a linear layer on it."""
+
+    def _features(self, semantic: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def _classify(self, feats: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def embed(self, semantic: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+        return F.normalize(self._features(semantic, noise), dim=-1)
+
+    def embed_and_logits(
+        self, semantic: torch.Tensor, noise: torch.Tensor, modality: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        feats = self._features(semantic, noise)
+        return F.normalize(feats, dim=-1), self._classify(feats)
+
+
+class UnivFDModel(_FeatureClassifier):
     def __init__(self, spec: ModelSpec, backbone: tuple[nn.Module, Any] | None = None) -> None:
         super().__init__(spec)
         clip, _tokenizer = backbone if backbone is not None else build_backbone(spec.backbone)
@@ -58,14 +78,8 @@ class UnivFDModel(ForensicModel):
         with torch.no_grad():  # frozen: no graph through the ViT
             return self.backbone.encode_image(semantic).float()
 
-    def embed(self, semantic: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
-        return F.normalize(self._features(semantic, noise), dim=-1)
-
-    def embed_and_logits(
-        self, semantic: torch.Tensor, noise: torch.Tensor, modality: torch.Tensor | None = None
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        feats = self._features(semantic, noise)
-        return F.normalize(feats, dim=-1), self.probe(feats)
+    def _classify(self, feats: torch.Tensor) -> torch.Tensor:
+        return self.probe(feats)
 
 
 class BasicBlock(nn.Module):
@@ -110,7 +124,7 @@ class SmallResNet(nn.Module):
         return self.stages(self.stem(x)).mean(dim=(2, 3))
 
 
-class _CropCNN(ForensicModel):
+class _CropCNN(_FeatureClassifier):
     """A small ResNet on the native-resolution crop, with a linear [real, fake] head."""
 
     widths: tuple[int, ...] = (16, 32)
@@ -128,14 +142,8 @@ class _CropCNN(ForensicModel):
         self._check_inputs(semantic, noise, None)
         return self.trunk(self._input(noise.float()))
 
-    def embed(self, semantic: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
-        return F.normalize(self._features(semantic, noise), dim=-1)
-
-    def embed_and_logits(
-        self, semantic: torch.Tensor, noise: torch.Tensor, modality: torch.Tensor | None = None
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        feats = self._features(semantic, noise)
-        return F.normalize(feats, dim=-1), self.fc(feats)
+    def _classify(self, feats: torch.Tensor) -> torch.Tensor:
+        return self.fc(feats)
 
 
 class NPRModel(_CropCNN):
