@@ -13,6 +13,8 @@ the postmaster this helper started, never by name.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import glob
 import os
 import pwd
@@ -165,3 +167,18 @@ class PostgresServer:
                 conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
         finally:
             admin.dispose()
+
+
+def postgres_or_skip(max_connections: int) -> Iterator[PostgresServer]:
+    """A started throwaway server for a pytest fixture; skips the test with the reason when none can run."""
+    import pytest
+
+    server = PostgresServer(max_connections=max_connections)
+    try:
+        server.start()
+    except PostgresUnavailable as exc:
+        pytest.skip(str(exc))
+    try:
+        yield server
+    finally:
+        server.stop()

@@ -49,22 +49,14 @@ from tests.nodeproc import (  # noqa: E402
     wait_for,
 )
 from tests.peers import free_port, require_binary  # noqa: E402
-from tests.pgserver import PostgresServer, PostgresUnavailable  # noqa: E402
+from tests.pgserver import PostgresServer, postgres_or_skip  # noqa: E402
 
 pytestmark = pytest.mark.e2e
 
 
 @pytest.fixture(scope="module")
 def pg() -> Iterator[PostgresServer]:
-    server = PostgresServer(max_connections=80)
-    try:
-        server.start()
-    except PostgresUnavailable as exc:
-        pytest.skip(str(exc))
-    try:
-        yield server
-    finally:
-        server.stop()
+    yield from postgres_or_skip(max_connections=80)
 
 
 def _rows(url: str, sql: str, **params: object) -> list:

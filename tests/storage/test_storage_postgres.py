@@ -24,22 +24,15 @@ from sqlalchemy import create_engine, text  # noqa: E402
 from storage.database import Database  # noqa: E402
 from storage.models import Base  # noqa: E402
 from storage.repository import Repository  # noqa: E402
-from tests.pgserver import PostgresServer, PostgresUnavailable  # noqa: E402
+from tests.pgserver import postgres_or_skip  # noqa: E402
 
 from .conftest import make_verdict  # noqa: E402
 
 
 @pytest.fixture(scope="module")
 def pg_url() -> Iterator[str]:
-    server = PostgresServer(max_connections=40)
-    try:
-        server.start()
-    except PostgresUnavailable as exc:
-        pytest.skip(str(exc))
-    try:
+    for server in postgres_or_skip(max_connections=40):
         yield server.url()
-    finally:
-        server.stop()
 
 
 _names = itertools.count()
