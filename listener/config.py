@@ -98,6 +98,8 @@ class DetectorConfig(_Strict):
     bundle: Path = Path("bundles/default")
     device: str = "cpu"
     batch_size: int = Field(8, ge=1, le=512)
+    # a short claim waits this long for more instances to fill the batch (0: off)
+    batch_wait_ms: float = Field(50, ge=0, le=10000)
     workers: int = Field(1, ge=1, le=64)
     torch_threads: int = Field(0, ge=0)  # 0: let torch decide
     precision: Literal["fp32", "bf16", "int8-dynamic"] = "fp32"  # see docs/performance.md before changing
