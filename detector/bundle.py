@@ -80,6 +80,8 @@ class BankEvent(BaseModel):
     count: int = Field(ge=0)                    # entries added or removed
     bank_size: int = Field(ge=0)                # entries after the change
     bank_digest: str = Field(pattern=r"^[0-9a-f]{64}$")  # ``SupportBank.digest()`` after the change
+    # λ and threshold re-chosen for the new bank (``detector.calibration``); None: left as they were
+    fusion: dict[str, Any] | None = None
 
 
 class Manifest(BaseModel):
@@ -302,19 +304,26 @@ def save_bank(path: Path | str, bank: SupportBank) -> None:
 
 def record_bank_change(path: Path | str, bank: SupportBank, action: Literal["train", "add", "remove"], *,
                        count: int, label: str | None = None, generator: str | None = None,
-                       modality: str | None = None, ids: list[int] | None = None) -> BankEvent:
+                       modality: str | None = None, ids: list[int] | None = None,
+                       fusion: dict[str, Any] | None = None) -> BankEvent:
     """Save ``bank`` into the bundle and append the change to the manifest's ``bank_history``.
 
+    ``fusion`` (``FusionChoice.summary()``) sets the manifest's λ and threshold in the same
+    manifest write, so the history always names the values the new bank is scored with.
     The bank is written first: if the process dies in between, the history misses the
     last event (``load_bundle`` then warns) rather than naming a bank that was never saved.
     """
     save_bank(path, bank)
     event = BankEvent(time=datetime.now(UTC).isoformat(timespec="seconds"), action=action, label=label,
                       generator=generator, modality=modality, ids=ids, count=count, bank_size=len(bank),
-                      bank_digest=bank.digest())
+                      bank_digest=bank.digest(), fusion=fusion)
     manifest = read_manifest(path)
-    update_manifest(path, bank_history=[*manifest.model_dump(mode="json")["bank_history"],
-                                        event.model_dump(mode="json")])
+    changes: dict[str, Any] = {"bank_history": [*manifest.model_dump(mode="json")["bank_history"],
+                                                event.model_dump(mode="json")]}
+    if fusion is not None:
+        changes["retrieval"] = {**manifest.retrieval.model_dump(), "lam": float(fusion["lam"])}
+        changes["threshold"] = float(fusion["threshold"])
+    update_manifest(path, **changes)
     logger.info("bank changed", extra={"bundle": str(path), "action": action, "count": count,
                                        "bank_size": len(bank), "bank_digest": event.bank_digest})
     return event

@@ -13,8 +13,9 @@ import logging
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated, Any, TypeVar
+from typing import Annotated, Any, Literal, TypeVar
 
+import numpy as np
 import typer
 
 from detector.errors import DetectorError
@@ -202,9 +203,14 @@ def bank_add(
     label: Annotated[str, typer.Option("--label", help="real | fake")] = "fake",
     generator: Annotated[str | None, typer.Option("--generator", help="generator name (fakes)")] = None,
     modality: Annotated[str | None, typer.Option("--modality", help="modality (default: from the file)")] = None,
+    keep_fusion: Annotated[bool, typer.Option("--keep-fusion", help="keep λ and the threshold as they are "
+                                              "(default: re-choose them on the calibration set)")] = False,
 ) -> None:
-    """Add support images to the bank, without retraining. All files must prepare, or nothing is added."""
-    from detector.bundle import record_bank_change
+    """Add support images to the bank, without retraining. All files must prepare, or nothing is added.
+
+    λ and the threshold are then re-chosen on the bundle's calibration set and the support
+    images (``detector.calibration``) and recorded in the bank history.
+    """
     from detector.detector import Detector
     from detector.preprocess import prepare_file
     from detector.retrieval import SupportEntry
@@ -216,14 +222,54 @@ def bank_add(
     generator = generator if label == "fake" else "real"
     detector = Detector.load(bundle)
     images = [prepare_file(f, detector.preprocess_config, modality=modality) for f in files]
-    emb = detector.embed_prepared(images)
+    frames = detector.frame_scores(images)
+    emb = np.stack([f.embeddings.mean(axis=0) for f in frames]).astype(np.float32)
     entries = [SupportEntry(label, img.modality, generator, str(f))  # type: ignore[arg-type]
                for img, f in zip(images, files)]
     ids = detector.bank.add(emb, entries)
-    event = record_bank_change(bundle, detector.bank, "add", count=len(ids), label=label, generator=generator,
-                               modality=modality, ids=ids)
-    typer.echo(f"added {len(ids)} {label} image(s) (ids {ids[0]}..{ids[-1]}); bank size {len(detector.bank)}, "
-               f"digest {event.bank_digest[:8]}")
+    support = [(f.classifier, f.embeddings) for f in frames]
+    _record_bank_edit(bundle, detector.bank, detector.bundle.manifest, "add", keep_fusion, count=len(ids), label=label, generator=generator,
+                      modality=modality, ids=ids,
+                      added=(support, [int(label == "fake")] * len(ids), [img.modality for img in images],
+                             [generator] * len(ids), ids))
+    typer.echo(f"added {len(ids)} {label} image(s) (ids {ids[0]}..{ids[-1]}); bank size {len(detector.bank)}")
+
+
+def _record_bank_edit(bundle: Path, bank: Any, manifest: Any, action: Literal["add", "remove"], keep_fusion: bool, *,
+                      added: tuple[Any, ...] | None = None, removed_ids: set[int] | None = None,
+                      **event: Any) -> None:
+    """Update the calibration set, re-choose λ and the threshold, save the bank and its history."""
+    from detector.bundle import record_bank_change
+    from detector.calibration import (
+        CalibrationSet,
+        choose_fusion,
+        load_calibration,
+        save_calibration,
+    )
+
+    cal = load_calibration(bundle)
+    fusion = None
+    if cal is not None:
+        if added is not None:
+            cal = cal.extend(CalibrationSet.from_frame_scores(*added))
+        if removed_ids:
+            cal = cal.without_bank_ids(removed_ids)
+        if not keep_fusion:
+            choice = choose_fusion(bank, cal, k=manifest.retrieval.k,
+                                   temperature=manifest.retrieval.temperature, lam=manifest.retrieval.lam,
+                                   threshold=manifest.threshold)
+            fusion = choice.summary()
+            typer.echo(f"fusion: λ {choice.previous_lam:.2f} -> {choice.lam:.2f}, threshold "
+                       f"{choice.previous_threshold:.4f} -> {choice.threshold:.4f} (calibration AUC "
+                       f"{'n/a' if choice.auc is None else f'{choice.auc:.4f}'}; {choice.n_real} real, "
+                       f"{choice.n_fake} fake of which {choice.n_support} support; {choice.reason or 'kept'})")
+    elif not keep_fusion:
+        typer.echo("fusion: kept (this bundle has no calibration set; retrain it to get one)", err=True)
+    # the bank first (see record_bank_change), then the calibration set that names its ids
+    ev = record_bank_change(bundle, bank, action, fusion=fusion, **event)
+    if cal is not None:
+        save_calibration(bundle, cal)
+    typer.echo(f"bank digest {ev.bank_digest[:8]}")
 
 
 @bank_app.command("list")
@@ -253,24 +299,26 @@ def bank_remove(
     bundle: BundleOpt,
     generator: Annotated[str | None, typer.Option("--generator", help="remove every entry of this generator")] = None,
     ids: Annotated[list[int] | None, typer.Option("--id", help="remove this entry id (repeatable)")] = None,
+    keep_fusion: Annotated[bool, typer.Option("--keep-fusion", help="keep λ and the threshold as they are")] = False,
 ) -> None:
-    """Remove entries by generator or by id."""
-    from detector.bundle import load_bank, record_bank_change
+    """Remove entries by generator or by id; λ and the threshold are then re-chosen as after ``add``."""
+    from detector.bundle import load_bank, read_manifest
 
     if not generator and not ids:
         raise _fail("give --generator NAME or --id N")
     bank = load_bank(bundle)
+    before = {e.id for e in bank.list()}
     if ids:
-        unknown = sorted(set(ids) - {e.id for e in bank.list()})
+        unknown = sorted(set(ids) - before)
         if unknown:
             raise _fail(f"no bank entry with id {', '.join(map(str, unknown))}")
     removed = bank.remove(ids=ids or None, generator=generator or None)
     if removed == 0:
         raise _fail(f"no bank entry of generator {generator!r}")
-    event = record_bank_change(bundle, bank, "remove", count=removed, generator=generator or None,
-                               ids=sorted(ids) if ids else None)
-    typer.echo(f"removed {removed} entr{'y' if removed == 1 else 'ies'}; bank size {len(bank)}, "
-               f"digest {event.bank_digest[:8]}")
+    _record_bank_edit(bundle, bank, read_manifest(bundle), "remove", keep_fusion, count=removed,
+                      generator=generator or None, ids=sorted(ids) if ids else None,
+                      removed_ids=before - {e.id for e in bank.list()})
+    typer.echo(f"removed {removed} entr{'y' if removed == 1 else 'ies'}; bank size {len(bank)}")
 
 
 def main() -> None:

@@ -46,6 +46,7 @@ from detector.bundle import (
     save_bundle,
     update_manifest,
 )
+from detector.calibration import CalibrationSet, save_calibration
 from detector.dataset import (
     DatasetError,
     PreparedDataset,
@@ -195,7 +196,13 @@ def _bank_subset(samples: Sequence[Sample], max_size: int, seed: int) -> list[Sa
 
 
 def _progress(enabled: bool, description: str, total: int):  # pragma: no cover - display only
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeRemainingColumn,
+    )
 
     progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                         TextColumn("{task.fields[info]}"), TimeRemainingColumn(), disable=not enabled,
@@ -371,6 +378,10 @@ def train(
     val_scored, errors = score_samples(detector, val_s)
     if errors:
         raise TrainingError(errors[0]["path"], errors[0]["error"])
+    # The validation images, as held-out evidence for re-choosing λ when the bank changes later.
+    save_calibration(out, CalibrationSet.from_frame_scores(
+        [(f.classifier, f.embeddings) for _, f in val_scored], [int(s.label) for s, _ in val_scored],
+        [s.modality for s, _ in val_scored], [s.generator for s, _ in val_scored]))
     fused = scored_samples(val_scored, detector.lam)
     threshold = best_threshold([s.label for s in fused], [s.score for s in fused])
     # The classifier alone gets a threshold chosen for it: judging it at the fused score's

@@ -20,6 +20,7 @@ import torch
 from typer.testing import CliRunner
 
 from detector.bundle import read_manifest
+from detector.calibration import load_calibration
 from detector.cli import app
 
 SIZE = 128
@@ -74,6 +75,12 @@ def test_training_learns_the_planted_trace(tmp_path, trace_dataset):
     assert "held_out_generators" in manifest.metrics
     assert len(manifest.training["losses"]) == 10
     assert manifest.training["losses"][-1] < manifest.training["losses"][0]
+    # The validation split is kept as the calibration set for later bank edits.
+    cal = load_calibration(tmp_path / "trained")
+    assert cal is not None and (cal.bank_ids == -1).all()
+    val = manifest.training["validation"]["counts"]["CT"]
+    assert len(cal) == sum(val.values()) and int(cal.labels.sum()) == val["tconv-a"]
+    assert set(cal.generators) == {"real", "tconv-a"} and cal.embeddings.shape[1] == manifest.embedding_dim
 
 
 def test_training_is_deterministic_and_resumable(tmp_path, trace_dataset):
