@@ -6,7 +6,11 @@ returns its status only after
 1. the encoded bytes exactly as received (plus a File Meta header) are in the spool:
    temporary name, fsync, atomic rename, folder fsync (``storage.spool.Spool.store``);
 2. the ``instances`` row pointing at that file is committed
-   (``storage.repository.Repository.record_received``).
+   (``storage.repository.Repository.record_received_batch``). Concurrent associations
+   share commits (``storage.batching.GroupCommit``): a handler waits for the commit
+   of the batch that holds its row, so each still answers only after its own row is
+   durable, and a failed batch commit fails every handler in it (0xA700 when the
+   database is unavailable; its spool file is removed as for a single store).
 
 pynetdicom sends the C-STORE response only when the handler returns, so a crash at
 any point before step 2 completes leaves the sender without a success status (it
@@ -30,9 +34,10 @@ import logging
 import re
 import socket
 import ssl
+import struct
 import threading
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from io import BytesIO
 from typing import Any, Protocol
 
@@ -46,7 +51,9 @@ from pynetdicom.transport import ThreadedAssociationServer
 
 from listener.classify import Classification, classify
 from listener.config import ListenerConfig, NodeConfig, ReportConfig
+from storage.batching import GroupCommit
 from storage.errors import DatabaseUnavailableError, SpoolError, SpoolFullError
+from storage.repository import ReceivedObject, ReceiveResult
 
 logger = logging.getLogger(__name__)
 
@@ -132,18 +139,32 @@ def _int(ds: Dataset, keyword: str) -> int | None:
         raise InvalidObjectError(STATUS_CANNOT_UNDERSTAND, f"{keyword} is not a number: {value!r}") from exc
 
 
+def _read_header(data: bytes) -> Dataset:
+    ds = dcmread(BytesIO(data), stop_before_pixels=True, specific_tags=list(HEADER_TAGS))
+    # values are decoded lazily: touch them here so that a malformed one fails now
+    for keyword in HEADER_TAGS:
+        ds.get(keyword)
+    return ds
+
+
 def parse_header(data: bytes, *, max_pixels: int) -> ObjectHeader:
     """Parse and check the header of an encoded DICOM file (preamble + meta + dataset).
 
     Reads only ``HEADER_TAGS`` and stops before the pixel data; raises
     ``InvalidObjectError`` with the status to answer.
     """
+    # One walk of the element headers finds where the header tags end and whether the data
+    # set is complete; pydicom then reads only the bytes up to the last tag it must decode
+    # (for a CT with vendor private groups, about half of the elements).
+    meta_syntax = _meta_transfer_syntax(data)
+    reason, cut = _walk_data_set(data, meta_syntax) if meta_syntax is not None else (None, None)
     try:
-        ds = dcmread(BytesIO(data), stop_before_pixels=True, specific_tags=list(HEADER_TAGS))
-        # values are decoded lazily: touch them here so that a malformed one fails now
-        for keyword in HEADER_TAGS:
-            ds.get(keyword)
+        ds = _read_header(data if cut is None else data[:cut])
         transfer_syntax = str(ds.file_meta.get("TransferSyntaxUID", "") or "")
+        if meta_syntax is None or transfer_syntax != meta_syntax:  # pydicom read the meta otherwise: as it says
+            if cut is not None:
+                ds = _read_header(data)
+            reason = _incomplete_encoding(data, transfer_syntax)
     except InvalidObjectError:
         raise
     except (InvalidDicomError, EOFError, ValueError, KeyError, TypeError, OverflowError, LookupError, OSError) as exc:
@@ -153,7 +174,6 @@ def parse_header(data: bytes, *, max_pixels: int) -> ObjectHeader:
 
     # pydicom returns the bytes that are there when the data set ends inside an element: a
     # truncated object would otherwise be acknowledged with its last value (a UID) cut short.
-    reason = _incomplete_encoding(data, transfer_syntax)
     if reason is not None:
         raise InvalidObjectError(STATUS_CANNOT_UNDERSTAND, reason)
 
@@ -200,46 +220,87 @@ def parse_header(data: bytes, *, max_pixels: int) -> ObjectHeader:
 
 _VR_LONG = frozenset(b"OB OD OF OL OV OW SQ SV UC UN UR UT UV".split())
 _UNDEFINED = 0xFFFFFFFF
+_DEFLATED = "1.2.840.10008.1.2.1.99"
+_IMPLICIT = "1.2.840.10008.1.2"
+_BIG_ENDIAN = "1.2.840.10008.1.2.2"
+# The highest tag in HEADER_TAGS, (0028,0011) Columns: pydicom need not see what follows it.
+_LAST_HEADER_TAG = 0x00280011
 
 
-def _incomplete_encoding(data: bytes, transfer_syntax: str) -> str | None:
-    """Why the data set after the File Meta is empty or ends inside an element, else None.
-
-    Walks the top-level element headers only (values are skipped, never decoded). An
-    element of undefined length (a sequence, encapsulated pixel data) ends the walk:
-    its content is checked when it is decoded. Deflated data sets are not walked.
-    """
+def _data_set_start(data: bytes) -> int | None:
+    """Offset of the data set after a File Meta group with its standard group length, else None."""
     if data[128:132] != b"DICM" or data[132:136] != b"\x02\x00\x00\x00" or data[136:138] != b"UL":
-        return None  # no standard meta group length to find the data set by: leave it to the parser
-    start = 144 + int.from_bytes(data[140:144], "little")
-    if start >= len(data):
-        return "empty data set"
-    if transfer_syntax == "1.2.840.10008.1.2.1.99":  # Deflated Explicit VR Little Endian
         return None
-    implicit = transfer_syntax == "1.2.840.10008.1.2"
-    order: Any = "big" if transfer_syntax == "1.2.840.10008.1.2.2" else "little"
-    end, pos = len(data), start
+    return 144 + int.from_bytes(data[140:144], "little")
+
+
+def _meta_transfer_syntax(data: bytes) -> str | None:
+    """The Transfer Syntax UID of the File Meta group (always explicit VR little endian), or None."""
+    start = _data_set_start(data)
+    if start is None:
+        return None
+    pos, end = 144, min(start, len(data))
+    while pos + 8 <= end:
+        group, element, vr = struct.unpack_from("<HH2s", data, pos)
+        if vr in _VR_LONG:
+            if pos + 12 > end:
+                return None
+            length, header = struct.unpack_from("<L", data, pos + 8)[0], 12
+        else:
+            length, header = struct.unpack_from("<H", data, pos + 6)[0], 8
+        if (group, element) == (0x0002, 0x0010):
+            return data[pos + header : pos + header + length].decode("ascii", "replace").rstrip("\x00 ")
+        pos += header + length
+    return None
+
+
+def _walk_data_set(data: bytes, transfer_syntax: str) -> tuple[str | None, int | None]:
+    """One pass over the top-level element headers after the File Meta (values skipped, never decoded).
+
+    Returns (why the data set is empty or ends inside an element, else None; the offset
+    of the first top-level element after ``_LAST_HEADER_TAG``, else None). An element
+    of undefined length (a sequence, encapsulated pixel data) ends the walk: its
+    content is checked when it is decoded. Deflated data sets are not walked.
+    """
+    start = _data_set_start(data)
+    if start is None:
+        return None, None  # no standard meta group length to find the data set by: leave it to the parser
+    if start >= len(data):
+        return "empty data set", None
+    if transfer_syntax == _DEFLATED:
+        return None, None
+    implicit = transfer_syntax == _IMPLICIT
+    big = transfer_syntax == _BIG_ENDIAN
+    tag_fmt = ">HH" if big else "<HH"
+    short_fmt, long_fmt = (">H", ">L") if big else ("<H", "<L")
+    end, pos, cut = len(data), start, None
     while pos < end:
         header = 8 if implicit else (12 if data[pos + 4 : pos + 6] in _VR_LONG else 8)
         if pos + header > end:
-            return f"data set truncated inside an element header at byte {pos - start}"
-        group = int.from_bytes(data[pos : pos + 2], order)
-        element = int.from_bytes(data[pos + 2 : pos + 4], order)
+            return f"data set truncated inside an element header at byte {pos - start}", cut
+        group, element = struct.unpack_from(tag_fmt, data, pos)
+        if cut is None and (group << 16 | element) > _LAST_HEADER_TAG:
+            cut = pos
         if implicit:
-            length = int.from_bytes(data[pos + 4 : pos + 8], order)
+            length = struct.unpack_from(long_fmt, data, pos + 4)[0]
         elif header == 8:
-            length = int.from_bytes(data[pos + 6 : pos + 8], order)
+            length = struct.unpack_from(short_fmt, data, pos + 6)[0]
         else:
-            length = int.from_bytes(data[pos + 8 : pos + 12], order)
+            length = struct.unpack_from(long_fmt, data, pos + 8)[0]
         if length == _UNDEFINED:
-            return None
+            return None, cut
         if pos + header + length > end:
             return (
                 f"data set truncated: element ({group:04X},{element:04X}) declares {length} bytes, "
                 f"{end - pos - header} present"
-            )
+            ), cut
         pos += header + length
-    return None
+    return None, cut
+
+
+def _incomplete_encoding(data: bytes, transfer_syntax: str) -> str | None:
+    """Why the data set after the File Meta is empty or ends inside an element, else None."""
+    return _walk_data_set(data, transfer_syntax)[0]
 
 
 # --------------------------------------------------------------------------- storage seam
@@ -253,6 +314,21 @@ class SpoolLike(Protocol):
 
 class RepositoryLike(Protocol):
     def record_received(self, **kwargs: Any) -> Any: ...
+
+
+def _item_failure(exc: BaseException) -> bool:
+    """A batch failure that one object can cause (not the database being unavailable)."""
+    return not isinstance(exc, DatabaseUnavailableError)
+
+
+def _receive_committer(repo: RepositoryLike) -> Callable[[ReceivedObject], ReceiveResult]:
+    """How the handler records one object: through a group commit where the repository can
+    record a batch in one transaction (``Repository.record_received_batch``), else one
+    ``record_received`` call per object (e.g. a wrapper in tests)."""
+    batch = getattr(repo, "record_received_batch", None)
+    if callable(batch):
+        return GroupCommit(batch, isolate_failures=_item_failure).submit
+    return lambda obj: repo.record_received(**{f.name: getattr(obj, f.name) for f in fields(ReceivedObject)})
 
 
 def _status(code: int, comment: str) -> Dataset:
@@ -278,10 +354,11 @@ class StoreHandler:
         on_stored: Callable[[], None] | None = None,
     ) -> None:
         self._spool = spool
-        self._repo = repo
         self._max_pixels = max_pixels
         self._report_cfg = report_cfg
         self._on_stored = on_stored  # e.g. wake the workers; called after the commit
+        # concurrent associations share one database commit (storage.batching.GroupCommit)
+        self._record = _receive_committer(repo)
 
     def __call__(self, event: evt.Event) -> Dataset:
         calling_ae = str(event.assoc.requestor.ae_title or "").strip()
@@ -338,7 +415,7 @@ class StoreHandler:
             return _status(STATUS_OUT_OF_RESOURCES, "out of resources: spool write failed")
 
         try:
-            result = self._repo.record_received(
+            result = self._record(ReceivedObject(
                 sop_instance_uid=header.sop_instance_uid,
                 sop_class_uid=header.sop_class_uid,
                 study_instance_uid=header.study_instance_uid,
@@ -353,7 +430,7 @@ class StoreHandler:
                 size_bytes=entry.size,
                 status="received" if classification.analyse else "skipped",
                 reason=None if classification.analyse else classification.reason,
-            )
+            ))
         except DatabaseUnavailableError as exc:
             self._discard(entry.path)
             logger.error("database unavailable, store refused", extra={"calling_ae": calling_ae, "reason": str(exc)})

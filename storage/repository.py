@@ -31,7 +31,10 @@ from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any, Literal, Protocol
 
-from sqlalchemy import and_, exists, func, or_, select, true, update
+from sqlalchemy import and_, exists, func, insert, or_, select, true, update
+from sqlalchemy.dialects.postgresql import insert as postgresql_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
+from sqlalchemy.engine import Connection
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -55,6 +58,7 @@ __all__ = [
     "InvalidTransitionError",
     "NotFoundError",
     "ReceiveResult",
+    "ReceivedObject",
     "ReconcileResult",
     "ReportGroup",
     "ReportRecord",
@@ -142,6 +146,36 @@ class VerdictRecord(VerdictInput):
 class ReceiveResult:
     instance_id: int
     duplicate: bool
+
+
+_NEW_INSTANCE_STATUSES = ("received", "skipped", "failed")
+
+
+@dataclass(frozen=True)
+class ReceivedObject:
+    """What ``Repository.record_received`` records for one object already in the spool."""
+
+    sop_instance_uid: str
+    sop_class_uid: str
+    study_instance_uid: str
+    series_instance_uid: str
+    patient_id: str | None
+    modality: str | None
+    transfer_syntax_uid: str
+    calling_ae: str
+    peer_address: str
+    spool_path: str | Path
+    sha256: str
+    size_bytes: int
+    status: str = "received"
+    reason: str | None = None
+    received_at: datetime | None = None
+
+    def __post_init__(self) -> None:
+        if self.status not in _NEW_INSTANCE_STATUSES:
+            raise ValueError(f"status={self.status!r}: a new instance is 'received', 'skipped' or 'failed'")
+        if not self.sop_instance_uid:
+            raise ValueError("sop_instance_uid is empty")
 
 
 @dataclass(frozen=True)
@@ -234,6 +268,29 @@ def _truncate(text: str) -> str:
     return text if len(text) <= _MAX_TEXT else text[: _MAX_TEXT - 1] + "…"
 
 
+def _insert_ignoring_duplicates(dialect: str) -> Callable[..., Any]:
+    """The dialect's ``insert`` construct, which has ``on_conflict_do_nothing`` (SQLite and PostgreSQL)."""
+    if dialect == "sqlite":
+        return sqlite_insert
+    if dialect == "postgresql":
+        return postgresql_insert
+    raise NotImplementedError(f"record_received: no INSERT ... ON CONFLICT for the {dialect} dialect")
+
+
+def _event_row(
+    entity_id: int, from_status: str | None, to_status: str | None, now: datetime, **detail: Any
+) -> dict[str, Any]:
+    """An ``events`` row of an instance as Core parameters (same encoding as ``Repository._event``)."""
+    return {
+        "at": now,
+        "entity": "instance",
+        "entity_id": entity_id,
+        "from_status": from_status,
+        "to_status": to_status,
+        "detail": json.dumps(detail, sort_keys=True, default=str) if detail else None,
+    }
+
+
 class Repository:
     """All reads and writes of the node's state. Thread-safe: each call opens its own session."""
 
@@ -308,65 +365,105 @@ class Repository:
             if status not in ("received", "skipped"):
                 raise ValueError(f"skip_reason given with status={status!r}")
             status, reason = "skipped", skip_reason
-        if status not in ("received", "skipped", "failed"):
-            raise ValueError(f"status={status!r}: a new instance is 'received', 'skipped' or 'failed'")
-        if not sop_instance_uid:
-            raise ValueError("sop_instance_uid is empty")
+        obj = ReceivedObject(
+            sop_instance_uid=sop_instance_uid,
+            sop_class_uid=sop_class_uid,
+            study_instance_uid=study_instance_uid,
+            series_instance_uid=series_instance_uid,
+            patient_id=patient_id,
+            modality=modality,
+            transfer_syntax_uid=transfer_syntax_uid,
+            calling_ae=calling_ae,
+            peer_address=peer_address,
+            spool_path=spool_path,
+            sha256=sha256,
+            size_bytes=size_bytes,
+            status=status,
+            reason=reason,
+            received_at=received_at,
+        )
+        return self.record_received_batch([obj])[0]
+
+    def record_received_batch(self, objects: Sequence[ReceivedObject]) -> list[ReceiveResult]:
+        """``record_received`` for several objects in ONE transaction, results in the same order.
+
+        The listener's group commit uses it: concurrent associations share one commit
+        (one WAL fsync) instead of queueing for one each. All or nothing: when the
+        commit fails no object is recorded and the exception reaches every caller.
+        Duplicates are detected as in ``record_received``, also between objects of
+        the same batch.
+        """
+        if not objects:
+            return []
         now = self._now()
-        at = now if received_at is None else aware_utc(received_at, "received_at")
-        path = Path(spool_path).as_posix()
+        insert_instance = _insert_ignoring_duplicates(self.db.dialect)
+        with self.db.session() as s:
+            conn = s.connection()
+            results: list[ReceiveResult] = []
+            events: list[dict[str, Any]] = []
+            for obj in objects:
+                result, event = self._insert_received(conn, insert_instance, obj, now)
+                results.append(result)
+                events.append(event)
+            conn.execute(insert(Event), events)
+        return results
 
-        def existing(s: Session) -> Instance | None:
-            return s.scalars(
-                select(Instance).where(Instance.sop_instance_uid == sop_instance_uid, Instance.sha256 == sha256)
-            ).first()
+    def _insert_received(
+        self, conn: Connection, insert_instance: Callable[..., Any], obj: ReceivedObject, now: datetime
+    ) -> tuple[ReceiveResult, dict[str, Any]]:
+        """Insert one instance row, or find the row it duplicates; returns the result and its event row.
 
-        def duplicate(s: Session, row: Instance) -> ReceiveResult:
-            self._event(
-                s, "instance", row.id, row.status, row.status, now,
-                event="duplicate received", calling_ae=calling_ae, peer_address=peer_address, spool_path=path,
+        One ``INSERT ... ON CONFLICT (sop_instance_uid, sha256) DO NOTHING RETURNING id``
+        instead of a SELECT then INSERT: one statement in the common case, and on
+        PostgreSQL a concurrent insert of the same object waits for the other
+        transaction instead of failing, so no retry path is needed.
+        """
+        at = now if obj.received_at is None else aware_utc(obj.received_at, "received_at")
+        path = Path(obj.spool_path).as_posix()
+        stmt = (
+            insert_instance(Instance)
+            .values(
+                sop_instance_uid=obj.sop_instance_uid,
+                sop_class_uid=obj.sop_class_uid,
+                study_instance_uid=obj.study_instance_uid,
+                series_instance_uid=obj.series_instance_uid,
+                patient_id=obj.patient_id,
+                modality=obj.modality,
+                transfer_syntax_uid=obj.transfer_syntax_uid,
+                calling_ae=obj.calling_ae,
+                peer_address=obj.peer_address,
+                received_at=at,
+                status=obj.status,
+                status_reason=obj.reason,
+                spool_path=path,
+                sha256=obj.sha256,
+                size_bytes=obj.size_bytes,
+                attempts=0,
+                node_id=self.node_id,
             )
-            return ReceiveResult(row.id, True)
-
-        try:
-            with self.db.session() as s:
-                row = existing(s)
-                if row is not None:
-                    return duplicate(s, row)
-                row = Instance(
-                    sop_instance_uid=sop_instance_uid,
-                    sop_class_uid=sop_class_uid,
-                    study_instance_uid=study_instance_uid,
-                    series_instance_uid=series_instance_uid,
-                    patient_id=patient_id,
-                    modality=modality,
-                    transfer_syntax_uid=transfer_syntax_uid,
-                    calling_ae=calling_ae,
-                    peer_address=peer_address,
-                    received_at=at,
-                    status=status,
-                    status_reason=reason,
-                    spool_path=path,
-                    sha256=sha256,
-                    size_bytes=size_bytes,
-                    attempts=0,
-                    node_id=self.node_id,
-                )
-                s.add(row)
-                s.flush()
-                self._event(
-                    s, "instance", row.id, None, status, now,
-                    event="received", calling_ae=calling_ae, peer_address=peer_address,
-                    sop_instance_uid=sop_instance_uid, reason=reason,
-                )
-                return ReceiveResult(row.id, False)
-        except IntegrityError:
-            # PostgreSQL: another connection inserted the same object between our check and insert.
-            with self.db.session() as s:
-                row = existing(s)
-                if row is None:
-                    raise
-                return duplicate(s, row)
+            .on_conflict_do_nothing(index_elements=["sop_instance_uid", "sha256"])
+            .returning(Instance.id)
+        )
+        new_id = conn.execute(stmt).scalar()
+        if new_id is not None:
+            event = _event_row(
+                new_id, None, obj.status, now,
+                event="received", calling_ae=obj.calling_ae, peer_address=obj.peer_address,
+                sop_instance_uid=obj.sop_instance_uid, reason=obj.reason,
+            )
+            return ReceiveResult(new_id, False), event
+        row = conn.execute(
+            select(Instance.id, Instance.status).where(
+                Instance.sop_instance_uid == obj.sop_instance_uid, Instance.sha256 == obj.sha256
+            )
+        ).first()
+        if row is None:  # pragma: no cover - the conflict that skipped the insert names this row
+            raise RuntimeError(f"insert of {obj.sop_instance_uid} skipped but no row holds it")
+        event = _event_row(
+            row.id, row.status, row.status, now,
+            event="duplicate received", calling_ae=obj.calling_ae, peer_address=obj.peer_address, spool_path=path,
+        )
+        return ReceiveResult(row.id, True), event
 
     def claim_received(self, worker: str, limit: int) -> list[InstanceRecord]:
         """Move up to ``limit`` received instances (oldest first) to analysing for ``worker``."""

@@ -20,13 +20,15 @@ import json
 import logging
 import os
 import shutil
+import threading
 import time
 import uuid
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
+from storage.batching import GroupCommit
 from storage.errors import SpoolError, SpoolFullError, SpoolPathError, SpoolWriteError
 
 __all__ = [
@@ -47,6 +49,13 @@ NODE_ID_FILE = ".dski-node-id"
 _FULL_ERRNOS = {errno.ENOSPC, errno.EDQUOT}
 # A streamed object has no size up front: free space is re-checked after this many bytes.
 _RECHECK_BYTES = 16 * 1024 * 1024
+# statvfs on every store costs more than the write of a small object. Far from the limit
+# a measured free space is reused for this long, less the bytes accepted since; within
+# _FREE_SPACE_MARGIN of min_free_bytes every store measures again, so the refusal point
+# is exact where it matters. Another process filling the disk in between is still
+# caught: ENOSPC while writing is refused the same way.
+_FREE_SPACE_TTL_SECONDS = 1.0
+_FREE_SPACE_MARGIN = 256 * 1024 * 1024
 
 
 @dataclass(frozen=True)
@@ -65,6 +74,13 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def _fsync_dirs(folders: Sequence[Path]) -> list[None]:
+    """fsync each distinct folder once: makes every rename done in them so far durable."""
+    for folder in dict.fromkeys(folders):
+        _fsync_dir(folder)
+    return [None] * len(folders)
+
+
 class Spool:
     """Files under ``root/<yyyy>/<mm>/<dd>/<uuid4>.dcm`` (UTC date of receipt)."""
 
@@ -75,6 +91,11 @@ class Spool:
         self.min_free_bytes = int(min_free_bytes)
         self.root.mkdir(parents=True, exist_ok=True)
         self._node_id: str | None = None
+        self._free_lock = threading.Lock()
+        self._free_measured: tuple[int, float] | None = None  # (free bytes, time.monotonic()) of the last statvfs
+        self._accepted_since = 0  # bytes accepted since that measurement
+        # concurrent stores into one folder share its fsync (storage.batching)
+        self._dir_sync: GroupCommit[Path, None] = GroupCommit(_fsync_dirs)
 
     @property
     def node_id(self) -> str:
@@ -125,15 +146,33 @@ class Spool:
 
     def check_free_space(self, incoming: int = 0) -> None:
         """Raise ``SpoolFullError`` when accepting ``incoming`` bytes would leave less than ``min_free_bytes``."""
+        if self._far_from_limit(incoming):
+            return
         try:
             free = shutil.disk_usage(self.root).free
         except OSError as exc:
             raise SpoolWriteError(self.root, f"cannot read free space: {exc.strerror or exc}") from exc
+        with self._free_lock:
+            self._free_measured, self._accepted_since = (free, time.monotonic()), incoming
         if free - incoming < self.min_free_bytes:
             raise SpoolFullError(
                 self.root,
                 f"{free} bytes free, {incoming} incoming, {self.min_free_bytes} must stay free",
             )
+
+    def _far_from_limit(self, incoming: int) -> bool:
+        """True when a recent measurement, less what was accepted since, leaves a wide margin;
+        counts ``incoming`` as accepted in that case."""
+        with self._free_lock:
+            if self._free_measured is None:
+                return False
+            free, at = self._free_measured
+            if time.monotonic() - at > _FREE_SPACE_TTL_SECONDS:
+                return False
+            if free - self._accepted_since - incoming - self.min_free_bytes < _FREE_SPACE_MARGIN:
+                return False
+            self._accepted_since += incoming
+            return True
 
     def store(self, data: bytes | bytearray | memoryview | Iterable[bytes]) -> SpoolEntry:
         """Write one object durably; returns its relative path, sha256 and size.
@@ -177,7 +216,7 @@ class Spool:
             finally:
                 os.close(fd)
             os.replace(temp, final)
-            _fsync_dir(folder)
+            self._dir_sync.submit(folder)
         except OSError as exc:
             self._discard(temp)
             if exc.errno in _FULL_ERRNOS:
