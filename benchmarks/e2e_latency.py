@@ -49,11 +49,10 @@ from __future__ import annotations
 import argparse
 import os
 import sqlite3
-import subprocess
 import sys
 import tempfile
 import time
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -73,7 +72,7 @@ def db_epoch(value: str | None) -> float | None:
     """A UTC timestamp as the node's SQLite database stores it (naive ISO text) -> epoch seconds."""
     if value is None:
         return None
-    return datetime.fromisoformat(value).replace(tzinfo=timezone.utc).timestamp()
+    return datetime.fromisoformat(value).replace(tzinfo=UTC).timestamp()
 
 
 def query(db_path: Path, sql: str, *args: Any) -> list[sqlite3.Row]:

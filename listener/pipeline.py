@@ -116,7 +116,7 @@ class Pipeline:
         for t in self._threads:
             t.join(timeout)
             if t.is_alive():
-                logger.warning("worker still busy at shutdown; its rows will be requeued", extra={"thread": t.name})
+                logger.warning("worker still busy at shutdown; its rows will be requeued", extra={"worker_thread": t.name})
         self._threads = []
         logger.info("pipeline stopped")
 
