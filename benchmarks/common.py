@@ -150,6 +150,27 @@ def machine_facts() -> dict[str, Any]:
     return facts
 
 
+def fsync_probe_ms(folder: Path, count: int = 10) -> float:
+    """Median milliseconds of (write 4 kB + fsync) of a new file in ``folder``: the disk's
+    flush latency right now. Every durable store pays a few of these (spool file, spool
+    folder, database WAL), so on a shared machine it moves the receive rate as much as
+    the CPU load does."""
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / ".fsync-probe"
+    times = []
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        for _ in range(count):
+            os.write(fd, b"\0" * 4096)
+            started = time.perf_counter()
+            os.fsync(fd)
+            times.append((time.perf_counter() - started) * 1000)
+    finally:
+        os.close(fd)
+        path.unlink()
+    return statistics.median(times)
+
+
 def percentile(values: Sequence[float], q: float) -> float:
     """Nearest-rank percentile (q in [0, 100])."""
     if not values:

@@ -65,6 +65,7 @@ from typing import Any
 
 from benchmarks.common import (
     free_port,
+    fsync_probe_ms,
     machine_facts,
     make_ct_instances,
     median,
@@ -83,15 +84,20 @@ NODE_AET = "DSKI"
 # --------------------------------------------------------------------------- node receiver process
 
 
-def node_config(root: Path, port: int, database_url: str | None = None) -> dict[str, Any]:
+def node_config(
+    root: Path, port: int, database_url: str | None = None, poll_interval: float | None = None
+) -> dict[str, Any]:
+    listener: dict[str, Any] = {
+        "ae_title": NODE_AET,
+        "host": "127.0.0.1",
+        "port": port,
+        "calling_aes": [{"ae_title": "STORESCU", "host": "127.0.0.1"}],
+        "max_associations": 16,
+    }
+    if poll_interval is not None:
+        listener["poll_interval_seconds"] = poll_interval
     return {
-        "listener": {
-            "ae_title": NODE_AET,
-            "host": "127.0.0.1",
-            "port": port,
-            "calling_aes": [{"ae_title": "STORESCU", "host": "127.0.0.1"}],
-            "max_associations": 16,
-        },
+        "listener": listener,
         "storage": {
             "database_url": database_url or f"sqlite:///{root / 'dski.sqlite3'}",
             "spool_dir": str(root / "spool"),
@@ -122,7 +128,38 @@ def _scorer_load(stop: threading.Event, ct_bytes: bytes, counter: list[int]) -> 
             counter[0] += 1
 
 
-def serve_node(root: Path, port: int, scorer_threads: int, database_url: str | None = None) -> int:
+def serve_bare(root: Path, port: int, poll_interval: float | None) -> int:
+    """The pynetdicom ceiling: the node's AE (same contexts, PDU size, poll interval) whose
+    C-STORE handler answers success at once, without touching the data, until stdin closes."""
+    sys.path.insert(0, str(REPO))
+    from pynetdicom import evt
+
+    from listener.config import parse_config
+    from listener.scp import association_tuning, build_ae
+
+    cfg = parse_config(node_config(root, port, poll_interval=poll_interval))
+    ae = build_ae(cfg.listener)
+    ae.require_calling_aet = []
+    count = [0]
+
+    def handle_store(event: evt.Event) -> int:
+        count[0] += 1
+        return 0x0000
+
+    server = ae.start_server(
+        (cfg.listener.host, port), block=False,
+        evt_handlers=[(evt.EVT_C_STORE, handle_store), association_tuning(cfg.listener)],
+    )
+    print("READY", flush=True)
+    sys.stdin.read()
+    server.shutdown()
+    print(json.dumps({"rows": count[0]}), flush=True)
+    return 0
+
+
+def serve_node(
+    root: Path, port: int, scorer_threads: int, database_url: str | None = None, poll_interval: float | None = None
+) -> int:
     """The node's receive path (listener + spool + SQLite repository) until stdin closes."""
     sys.path.insert(0, str(REPO))
     from listener.config import parse_config
@@ -132,7 +169,7 @@ def serve_node(root: Path, port: int, scorer_threads: int, database_url: str | N
     from storage.repository import Repository
     from storage.spool import Spool
 
-    cfg = parse_config(node_config(root, port, database_url))
+    cfg = parse_config(node_config(root, port, database_url, poll_interval))
     configure_logging(cfg.logging)
     db = Database(cfg.storage.database_url)
     db.migrate()
@@ -171,16 +208,26 @@ def serve_node(root: Path, port: int, scorer_threads: int, database_url: str | N
 
 
 class NodeReceiver:
-    def __init__(self, root: Path, scorer_threads: int = 0, database_url: str | None = None) -> None:
+    def __init__(
+        self,
+        root: Path,
+        scorer_threads: int = 0,
+        database_url: str | None = None,
+        poll_interval: float | None = None,
+        bare: bool = False,
+        repo: Path = REPO,
+    ) -> None:
         self.root = root
         self.port = free_port()
         self.scorer_threads = scorer_threads
         root.mkdir(parents=True, exist_ok=True)
         self.log = open(root / "node.log", "wb")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "benchmarks.receive", "--serve-node", str(root), str(self.port),
-             "--scorer-threads", str(scorer_threads), *(["--database-url", database_url] if database_url else [])],
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.log, cwd=REPO, text=True,
+            [sys.executable, "-m", "benchmarks.receive", "--serve-bare" if bare else "--serve-node", str(root),
+             str(self.port), "--scorer-threads", str(scorer_threads),
+             *(["--database-url", database_url] if database_url else []),
+             *(["--poll-interval", str(poll_interval)] if poll_interval is not None else [])],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.log, cwd=repo, text=True,
         )
         line = self.proc.stdout.readline()
         if line.strip() != "READY":
@@ -219,12 +266,26 @@ class StorescpReceiver:
 # --------------------------------------------------------------------------- measurements
 
 
-def throughput_run(kind: str, root: Path, files: list[Path], assocs: int, pg: Any = None) -> dict[str, Any]:
+def throughput_run(
+    kind: str,
+    root: Path,
+    files: list[Path],
+    assocs: int,
+    pg: Any = None,
+    poll_interval: float | None = None,
+    reference: Path | None = None,
+) -> dict[str, Any]:
     if kind.startswith("pg"):  # "pgK": K node processes sharing one fresh PostgreSQL database
         url = pg.create_database(root.name.replace("-", "_"))
-        receivers: list[Any] = [NodeReceiver(root / f"node{k}", database_url=url) for k in range(int(kind[2:]))]
-    else:
-        receivers = [NodeReceiver(root) if kind == "node" else StorescpReceiver(root)]
+        receivers: list[Any] = [
+            NodeReceiver(root / f"node{k}", database_url=url, poll_interval=poll_interval) for k in range(int(kind[2:]))
+        ]
+    elif kind == "storescp":
+        receivers = [StorescpReceiver(root)]
+    elif kind == "reference":  # the node of another checkout (e.g. a git worktree of the previous commit)
+        receivers = [NodeReceiver(root, repo=reference)]
+    else:  # "node", or "bare": pynetdicom answering at once
+        receivers = [NodeReceiver(root, poll_interval=poll_interval, bare=kind == "bare")]
     try:
         seconds = run_storescu_parallel([r.port for r in receivers], split(files, assocs))
     finally:
@@ -287,11 +348,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "out" / "receive.json")
     parser.add_argument("--postgres", action="store_true",
                         help="also run 1 and 2 node processes on one throwaway PostgreSQL database (pg1, pg2)")
+    parser.add_argument("--bare-pynetdicom", action="store_true",
+                        help="also run the pynetdicom ceiling: the node's AE answering success at once (bare)")
+    parser.add_argument("--poll-interval", type=float,
+                        help="listener.poll_interval_seconds of the node (and bare) processes; default: the config default")
+    parser.add_argument("--reference-repo", type=Path,
+                        help="also run the node of this checkout (e.g. `git worktree add /tmp/ref HEAD~1`), same runs")
     parser.add_argument("--database-url", help=argparse.SUPPRESS)
     parser.add_argument("--serve-node", nargs=2, metavar=("ROOT", "PORT"), help=argparse.SUPPRESS)
+    parser.add_argument("--serve-bare", nargs=2, metavar=("ROOT", "PORT"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.serve_node:
-        return serve_node(Path(args.serve_node[0]), int(args.serve_node[1]), args.scorer_threads, args.database_url)
+        return serve_node(Path(args.serve_node[0]), int(args.serve_node[1]), args.scorer_threads, args.database_url,
+                          args.poll_interval)
+    if args.serve_bare:
+        return serve_bare(Path(args.serve_bare[0]), int(args.serve_bare[1]), args.poll_interval)
 
     require("storescu")
     require("storescp")
@@ -310,7 +381,8 @@ def main(argv: list[str] | None = None) -> int:
         result["mean_file_bytes"] = size
         print(f"  {size / 1024:.1f} kB each; load average {os.getloadavg()[0]:.2f}; {os.cpu_count()} CPUs", flush=True)
         pg = None
-        kinds = ["node", "storescp"]
+        kinds = ["node", "storescp"] + (["bare"] if args.bare_pynetdicom else [])
+        kinds += ["reference"] if args.reference_repo else []
         if args.postgres:
             sys.path.insert(0, str(REPO))
             from tests.pgserver import PostgresServer
@@ -325,13 +397,17 @@ def main(argv: list[str] | None = None) -> int:
                     if kind == "pg2" and assocs < 2:
                         continue
                     n += 1
-                    run = throughput_run(kind, base / f"run-{n}-{kind}", files, assocs, pg)
+                    fsync_ms = fsync_probe_ms(base)
+                    run = throughput_run(
+                        kind, base / f"run-{n}-{kind}", files, assocs, pg, args.poll_interval, args.reference_repo
+                    )
                     run["rep"] = rep
                     run["loadavg_1m"] = os.getloadavg()[0]
+                    run["fsync_ms_before"] = fsync_ms
                     result["runs"].append(run)
                     print(
                         f"rep {rep} {assocs} assoc {kind:8s} {run['instances_per_s']:8.1f} inst/s "
-                        f"({run['seconds']:.2f} s, load {run['loadavg_1m']:.2f})",
+                        f"({run['seconds']:.2f} s, load {run['loadavg_1m']:.2f}, fsync {fsync_ms:.2f} ms)",
                         flush=True,
                     )
         if pg is not None:
@@ -349,10 +425,16 @@ def main(argv: list[str] | None = None) -> int:
                 "ratio_median": median(ratios),
                 "ratios": ratios,
             }
-            for kind in ("pg1", "pg2"):
+            for kind in ("pg1", "pg2", "bare", "reference"):
                 pg_rates = [r["instances_per_s"] for r in result["runs"] if r["receiver"] == kind and r["associations"] == assocs]
                 if pg_rates:
                     summary[str(assocs)][f"{kind}_median_per_s"] = median(pg_rates)
+            for kind in ("bare", "reference"):
+                if f"{kind}_median_per_s" in summary[str(assocs)]:
+                    other = [r["instances_per_s"] for r in result["runs"] if r["receiver"] == kind and r["associations"] == assocs]
+                    summary[str(assocs)][f"{kind}_ratio_median"] = median(
+                        [b / s for b, s in zip(other, rates["storescp"], strict=True)]
+                    )
         result["summary"] = summary
         if not args.no_latency:
             lat_files = files[: args.latency_count]
@@ -372,6 +454,14 @@ def main(argv: list[str] | None = None) -> int:
             if f"{kind}_median_per_s" in s:
                 print(f"{assocs:>6} PostgreSQL, {label}: {s[f'{kind}_median_per_s']:.1f} inst/s "
                       f"(ratio to storescp {s[f'{kind}_median_per_s'] / s['storescp_median_per_s']:.2f})")
+    for assocs, s in result["summary"].items():
+        if "bare_median_per_s" in s:
+            print(f"{assocs:>6} pynetdicom ceiling (bare AE, success at once): {s['bare_median_per_s']:.1f} inst/s, "
+                  f"ratio to storescp {s['bare_ratio_median']:.2f}; node/bare "
+                  f"{s['node_median_per_s'] / s['bare_median_per_s']:.2f}")
+        if "reference_median_per_s" in s:
+            print(f"{assocs:>6} reference node ({args.reference_repo}): {s['reference_median_per_s']:.1f} inst/s, "
+                  f"ratio to storescp {s['reference_ratio_median']:.2f}")
     for lat in result.get("latency", []):
         label = "idle" if not lat["scorer_threads"] else f"{lat['scorer_threads']} scorer threads"
         print(f"C-STORE response, node {label:18s}: p50 {lat['p50_ms']:.1f} ms  p99 {lat['p99_ms']:.1f} ms  "

@@ -74,6 +74,8 @@ class ListenerConfig(_Strict):
     max_pdu_bytes: int = Field(65536, ge=0)  # 0: no limit
     max_pixels: int = Field(512 * 1024 * 1024, gt=0)  # Rows x Columns x Frames refused above this
     shutdown_grace_seconds: float = Field(20, ge=0)  # SIGTERM: wait this long for open associations
+    # idle sleep of an association's network thread between socket polls (pynetdicom: 1 ms)
+    poll_interval_seconds: float = Field(0.001, ge=0.00005, le=0.1)
     tls: TLSConfig = TLSConfig()
 
     _ae = field_validator("ae_title")(_check_ae_title)

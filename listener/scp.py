@@ -562,6 +562,29 @@ def _server_ssl_context(cfg: ListenerConfig) -> ssl.SSLContext | None:
     return context
 
 
+def set_poll_interval(assoc: Any, seconds: float) -> None:
+    """Set how long the association's DUL thread sleeps between socket polls when idle.
+
+    pynetdicom 3.0 has no public setting for it: ``DULServiceProvider._run_loop_delay``
+    (1 ms) is a private attribute, read on every loop. A store's request waits for up
+    to one such sleep before it is read, and its response for up to another before it
+    is sent, so at 1 ms it bounds one association to a few hundred stores per second.
+    Guarded, so that a pynetdicom without the attribute keeps its own default.
+    """
+    dul = getattr(assoc, "dul", None)
+    if dul is not None and hasattr(dul, "_run_loop_delay"):
+        dul._run_loop_delay = seconds
+
+
+def association_tuning(cfg: ListenerConfig) -> tuple[Any, Callable[[evt.Event], None]]:
+    """The (event, handler) pair that applies ``cfg.poll_interval_seconds`` to every new association."""
+
+    def on_open(event: evt.Event) -> None:
+        set_poll_interval(event.assoc, cfg.poll_interval_seconds)
+
+    return evt.EVT_CONN_OPEN, on_open
+
+
 def build_ae(cfg: ListenerConfig) -> AE:
     ae = AE(ae_title=cfg.ae_title)
     ae.add_supported_context(Verification, ALL_TRANSFER_SYNTAXES)
@@ -611,6 +634,7 @@ class StorageSCP:
                 (evt.EVT_REQUESTED, self._policy),
                 (evt.EVT_C_ECHO, _handle_echo),
                 (evt.EVT_C_STORE, self._handler),
+                association_tuning(self._cfg),
                 *extra_handlers,
             ]
             self._server = self._ae.start_server(

@@ -31,7 +31,7 @@ from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any, Literal, Protocol
 
-from sqlalchemy import and_, exists, func, insert, or_, select, true, update
+from sqlalchemy import and_, bindparam, exists, func, insert, or_, select, true, update
 from sqlalchemy.dialects.postgresql import insert as postgresql_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.engine import Connection
@@ -268,13 +268,33 @@ def _truncate(text: str) -> str:
     return text if len(text) <= _MAX_TEXT else text[: _MAX_TEXT - 1] + "…"
 
 
-def _insert_ignoring_duplicates(dialect: str) -> Callable[..., Any]:
-    """The dialect's ``insert`` construct, which has ``on_conflict_do_nothing`` (SQLite and PostgreSQL)."""
-    if dialect == "sqlite":
-        return sqlite_insert
-    if dialect == "postgresql":
-        return postgresql_insert
-    raise NotImplementedError(f"record_received: no INSERT ... ON CONFLICT for the {dialect} dialect")
+@dataclass(frozen=True)
+class _ReceiveStatements:
+    """The statements of ``record_received_batch``, built once per repository: executed with
+    a parameter dict, their compiled form comes from SQLAlchemy's cache instead of being
+    rebuilt for every object (a ``.values(...)`` statement per call costs more than its SQL)."""
+
+    insert_instance: Any  # INSERT ... ON CONFLICT (sop_instance_uid, sha256) DO NOTHING RETURNING id
+    find_instance: Any  # SELECT id, status of the row an object duplicates
+    insert_events: Any
+
+    @classmethod
+    def for_dialect(cls, dialect: str) -> "_ReceiveStatements":
+        if dialect == "sqlite":
+            insert_ignoring = sqlite_insert
+        elif dialect == "postgresql":
+            insert_ignoring = postgresql_insert
+        else:
+            raise NotImplementedError(f"record_received: no INSERT ... ON CONFLICT for the {dialect} dialect")
+        return cls(
+            insert_instance=insert_ignoring(Instance)
+            .on_conflict_do_nothing(index_elements=["sop_instance_uid", "sha256"])
+            .returning(Instance.id),
+            find_instance=select(Instance.id, Instance.status).where(
+                Instance.sop_instance_uid == bindparam("uid"), Instance.sha256 == bindparam("sha")
+            ),
+            insert_events=insert(Event),
+        )
 
 
 def _event_row(
@@ -300,6 +320,7 @@ class Repository:
         self.db = db
         self._clock = clock
         self.node_id = node_id
+        self._receive_statements: _ReceiveStatements | None = None  # built on first use
 
     def _mine(self, column: Any) -> Any:
         """Rows this node serves: stamped with its id, or unstamped; every row without a node id."""
@@ -396,20 +417,22 @@ class Repository:
         if not objects:
             return []
         now = self._now()
-        insert_instance = _insert_ignoring_duplicates(self.db.dialect)
+        if self._receive_statements is None:
+            self._receive_statements = _ReceiveStatements.for_dialect(self.db.dialect)
+        stmts = self._receive_statements
         with self.db.session() as s:
             conn = s.connection()
             results: list[ReceiveResult] = []
             events: list[dict[str, Any]] = []
             for obj in objects:
-                result, event = self._insert_received(conn, insert_instance, obj, now)
+                result, event = self._insert_received(conn, stmts, obj, now)
                 results.append(result)
                 events.append(event)
-            conn.execute(insert(Event), events)
+            conn.execute(stmts.insert_events, events)
         return results
 
     def _insert_received(
-        self, conn: Connection, insert_instance: Callable[..., Any], obj: ReceivedObject, now: datetime
+        self, conn: Connection, stmts: _ReceiveStatements, obj: ReceivedObject, now: datetime
     ) -> tuple[ReceiveResult, dict[str, Any]]:
         """Insert one instance row, or find the row it duplicates; returns the result and its event row.
 
@@ -420,9 +443,9 @@ class Repository:
         """
         at = now if obj.received_at is None else aware_utc(obj.received_at, "received_at")
         path = Path(obj.spool_path).as_posix()
-        stmt = (
-            insert_instance(Instance)
-            .values(
+        new_id = conn.execute(
+            stmts.insert_instance,
+            dict(
                 sop_instance_uid=obj.sop_instance_uid,
                 sop_class_uid=obj.sop_class_uid,
                 study_instance_uid=obj.study_instance_uid,
@@ -440,11 +463,8 @@ class Repository:
                 size_bytes=obj.size_bytes,
                 attempts=0,
                 node_id=self.node_id,
-            )
-            .on_conflict_do_nothing(index_elements=["sop_instance_uid", "sha256"])
-            .returning(Instance.id)
-        )
-        new_id = conn.execute(stmt).scalar()
+            ),
+        ).scalar()
         if new_id is not None:
             event = _event_row(
                 new_id, None, obj.status, now,
@@ -452,11 +472,7 @@ class Repository:
                 sop_instance_uid=obj.sop_instance_uid, reason=obj.reason,
             )
             return ReceiveResult(new_id, False), event
-        row = conn.execute(
-            select(Instance.id, Instance.status).where(
-                Instance.sop_instance_uid == obj.sop_instance_uid, Instance.sha256 == obj.sha256
-            )
-        ).first()
+        row = conn.execute(stmts.find_instance, {"uid": obj.sop_instance_uid, "sha": obj.sha256}).first()
         if row is None:  # pragma: no cover - the conflict that skipped the insert names this row
             raise RuntimeError(f"insert of {obj.sop_instance_uid} skipped but no row holds it")
         event = _event_row(
