@@ -1,7 +1,7 @@
 """End-to-end latency: last instance acknowledged -> the series' SR stored in the PACS.
 
     python -m benchmarks.e2e_latency [--count 200] [--reps 3] [--idle 3] [--bundle bundles/default]
-        [--torch-threads 1] [--batch-wait-ms 50] [--poll 0.5] [--dispatch-interval 2]
+        [--torch-threads 1] [--batch-wait-ms 50 | 0,50] [--poll 0.5] [--dispatch-interval 2]
         [--keep DIR] [--out benchmarks/out/e2e-latency.json]
 
 Set-up (everything real, on loopback, in a temporary folder):
@@ -40,6 +40,11 @@ the series-completion job's period (``poll_interval_seconds``), building the SR,
 dispatch job's period (``dispatch.interval_seconds``: a queued report waits for its next
 run), the C-STORE to Orthanc and Orthanc's indexing. The breakdown per repetition (from the
 node's database: report ``created_at`` and ``sent_at``) shows which part took the time.
+
+Batching (``--batch-wait-ms 0,50``): one node per value (same bundle, same Orthanc), the
+repetitions alternating between them. Each repetition also records the sizes of the forward
+passes that scored the series, inferred from the node's database (``batch_sizes``: the
+images of one batch share one ``verdicts.elapsed_ms``), their mean, and the total model time.
 
 The load average is recorded before and after each repetition. Result: JSON at ``--out``.
 """
@@ -105,7 +110,14 @@ def series_facts(db_path: Path, series_uid: str) -> dict[str, Any]:
         "WHERE source_series_instance_uid = ? ORDER BY id LIMIT 1",
         series_uid,
     )
+    elapsed = [r[0] for r in query(
+        db_path,
+        "SELECT v.elapsed_ms FROM verdicts v JOIN instances i ON i.id = v.instance_id "
+        "WHERE i.series_instance_uid = ? ORDER BY v.id",
+        series_uid,
+    )]
     return {
+        "batch_sizes": batch_sizes(elapsed),
         "instances": inst["n"],
         "analysed": inst["analysed"],
         "failed": inst["failed"],
@@ -120,6 +132,25 @@ def series_facts(db_path: Path, series_uid: str) -> dict[str, Any]:
         "report_status": rep[0]["status"] if rep else None,
         "report_instances": rep[0]["instance_count"] if rep else None,
     }
+
+
+def batch_sizes(elapsed_ms: list[float]) -> list[int]:
+    """Sizes of the forward passes that scored a series, in order, inferred from its verdicts.
+
+    ``Detector.score_prepared`` gives each image of a batch its share (by frames) of the
+    batch's time, so the single-frame images of one batch carry the same ``elapsed_ms``, and
+    one worker records them one after the other: a run of equal values in verdict order is
+    one batch (two adjacent batches of equal size and an identical float time would merge).
+    """
+    sizes: list[int] = []
+    previous = None
+    for value in elapsed_ms:
+        if sizes and value == previous:
+            sizes[-1] += 1
+        else:
+            sizes.append(1)
+        previous = value
+    return sizes
 
 
 def sr_in_pacs(pacs: Any, study_uid: str) -> bool:
@@ -187,6 +218,10 @@ def one_rep(i: int, node: Any, pacs: Any, work: Path, count: int, idle: float, p
         "bound_s": round(bound, 3),
         "within_bound": latency <= bound,
         "model_seconds": round(facts["model_seconds"], 3),
+        # forward passes over this series (one worker; see batch_sizes)
+        "batches": len(facts["batch_sizes"]),
+        "mean_batch": round(count / max(1, len(facts["batch_sizes"])), 2),
+        "batch_size_counts": {str(k): facts["batch_sizes"].count(k) for k in sorted(set(facts["batch_sizes"]))},
         "verdict_span_s": round((facts["last_verdict"] or 0) - (facts["first_verdict"] or 0), 3),
         # every time below is relative to t_ack (storescu's exit)
         "last_received_rel_s": since_ack(facts["last_received"]),
@@ -211,6 +246,22 @@ def one_rep(i: int, node: Any, pacs: Any, work: Path, count: int, idle: float, p
     }
 
 
+def summarise(reps: list[dict[str, Any]]) -> dict[str, Any]:
+    lat = [r["latency_s"] for r in reps]
+    return {
+        "latency_median_s": round(median(lat), 3),
+        "latency_max_s": max(lat),
+        "scoring_time_median_s": round(median([r["scoring_time_s"] for r in reps]), 3),
+        "model_seconds_median": round(median([r["model_seconds"] for r in reps]), 3),
+        "mean_batch_median": round(median([r["mean_batch"] for r in reps]), 2),
+        "build_and_queue_median_s": round(median([r["build_and_queue_s"] or 0.0 for r in reps]), 3),
+        "dispatch_wait_and_send_median_s": round(median([r["dispatch_wait_and_send_s"] or 0.0 for r in reps]), 3),
+        "within_bound": sum(r["within_bound"] for r in reps),
+        "reps": len(reps),
+        "all_within_bound": all(r["within_bound"] for r in reps),
+    }
+
+
 def run(args: argparse.Namespace) -> dict[str, Any]:
     from tests.nodeproc import NodeProcess
     from tests.peers import OrthancServer, free_port
@@ -218,52 +269,57 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     defaults = NodeConfig()
     poll = args.poll if args.poll is not None else defaults.processing.poll_interval_seconds
     dispatch_interval = args.dispatch_interval if args.dispatch_interval is not None else defaults.dispatch.interval_seconds
-    batch_wait = args.batch_wait_ms if args.batch_wait_ms is not None else defaults.detector.batch_wait_ms
-    overrides = {
-        "detector": {"batch_size": args.batch_size, "batch_wait_ms": batch_wait, "workers": 1,
-                     "torch_threads": args.torch_threads},
-        "processing": {"series_idle_seconds": args.idle, "poll_interval_seconds": poll},
-        "dispatch": {"interval_seconds": dispatch_interval, "backoff_initial_seconds": 1, "backoff_max_seconds": 4,
-                     "timeout_seconds": 10},
-    }
+    waits = [float(w) for w in args.batch_wait_ms.split(",")] if args.batch_wait_ms else [defaults.detector.batch_wait_ms]
+
+    def overrides(wait: float) -> dict[str, Any]:
+        return {
+            "detector": {"batch_size": args.batch_size, "batch_wait_ms": wait, "workers": 1,
+                         "torch_threads": args.torch_threads},
+            "processing": {"series_idle_seconds": args.idle, "poll_interval_seconds": poll},
+            "dispatch": {"interval_seconds": dispatch_interval, "backoff_initial_seconds": 1,
+                         "backoff_max_seconds": 4, "timeout_seconds": 10},
+        }
+
     settings = {"count": args.count, "reps": args.reps, "bundle": str(args.bundle), "series_idle_seconds": args.idle,
                 "poll_interval_seconds": poll, "dispatch_interval_seconds": dispatch_interval,
-                "batch_size": args.batch_size, "batch_wait_ms": batch_wait, "torch_threads": args.torch_threads,
-                "poll_pacs_seconds": args.poll_pacs, "slack_seconds": SLACK_SECONDS}
+                "batch_size": args.batch_size, "batch_wait_ms": waits if len(waits) > 1 else waits[0],
+                "torch_threads": args.torch_threads, "poll_pacs_seconds": args.poll_pacs, "slack_seconds": SLACK_SECONDS}
     result: dict[str, Any] = {"benchmark": "e2e_latency", "settings": settings, "machine": machine_facts(), "reps": []}
     with tempfile.TemporaryDirectory(prefix="dski-e2e-") as tmp:
         root = Path(tmp) if args.keep is None else args.keep
         root.mkdir(parents=True, exist_ok=True)
         result["work_folder"] = str(root)
-        node_port = free_port()
-        with OrthancServer(root, "ORTHANC", {"DSKI": ("127.0.0.1", node_port)}) as pacs:
-            node = NodeProcess(root / "node", Path(args.bundle), pacs=pacs, port=node_port, overrides=overrides)
-            started = node.start()
-            result["node_start_seconds"] = round(started, 2)
+        # one node per batch_wait_ms value, all with the AE title DSKI: Orthanc accepts the title from any port
+        ports = [free_port() for _ in waits]
+        with OrthancServer(root, "ORTHANC", {"DSKI": ("127.0.0.1", ports[0])}) as pacs:
+            nodes = [NodeProcess(root / f"node-{w:g}ms", Path(args.bundle), pacs=pacs, port=port, overrides=overrides(w))
+                     for w, port in zip(waits, ports, strict=True)]
             try:
+                result["node_start_seconds"] = [round(n.start(), 2) for n in nodes]
+                k = 0
                 for i in range(args.reps):
-                    rep = one_rep(i, node, pacs, root / "data", args.count, args.idle, args.poll_pacs, args.timeout)
-                    result["reps"].append(rep)
-                    print(f"rep {i}: latency {rep['latency_s']:.2f} s, scoring time {rep['scoring_time_s']:.2f} s "
-                          f"(model {rep['model_seconds']:.2f} s), bound {rep['bound_s']:.2f} s -> "
-                          f"{'within' if rep['within_bound'] else 'OVER'}; ready +{rep['ready_rel_s']} s, "
-                          f"build+queue {rep['build_and_queue_s']} s, dispatch wait+send "
-                          f"{rep['dispatch_wait_and_send_s']} s; load {rep['loadavg_before'][0]}..{rep['loadavg_after'][0]}",
-                          flush=True)
+                    # rotate which variant goes first, so that a drifting load hits each alike
+                    for j in range(len(waits)):
+                        v = (i + j) % len(waits)
+                        rep = one_rep(k, nodes[v], pacs, root / "data", args.count, args.idle, args.poll_pacs,
+                                      args.timeout)
+                        k += 1
+                        rep["batch_wait_ms"] = waits[v]
+                        result["reps"].append(rep)
+                        print(f"rep {i} (batch_wait_ms {waits[v]:g}): latency {rep['latency_s']:.2f} s, scoring time "
+                              f"{rep['scoring_time_s']:.2f} s (model {rep['model_seconds']:.2f} s, mean batch "
+                              f"{rep['mean_batch']:.2f}), bound {rep['bound_s']:.2f} s -> "
+                              f"{'within' if rep['within_bound'] else 'OVER'}; ready +{rep['ready_rel_s']} s, "
+                              f"build+queue {rep['build_and_queue_s']} s, dispatch wait+send "
+                              f"{rep['dispatch_wait_and_send_s']} s; load {rep['loadavg_before'][0]}.."
+                              f"{rep['loadavg_after'][0]}", flush=True)
             finally:
-                node.stop()
+                for n in nodes:
+                    n.stop()
     reps = result["reps"]
-    lat = [r["latency_s"] for r in reps]
-    result["summary"] = {
-        "latency_median_s": round(median(lat), 3),
-        "latency_max_s": max(lat),
-        "scoring_time_median_s": round(median([r["scoring_time_s"] for r in reps]), 3),
-        "build_and_queue_median_s": round(median([r["build_and_queue_s"] or 0.0 for r in reps]), 3),
-        "dispatch_wait_and_send_median_s": round(median([r["dispatch_wait_and_send_s"] or 0.0 for r in reps]), 3),
-        "within_bound": sum(r["within_bound"] for r in reps),
-        "reps": len(reps),
-        "all_within_bound": all(r["within_bound"] for r in reps),
-    }
+    result["summary"] = summarise(reps)
+    if len(waits) > 1:
+        result["by_batch_wait_ms"] = {f"{w:g}": summarise([r for r in reps if r["batch_wait_ms"] == w]) for w in waits}
     result["machine"]["loadavg_end"] = loadavg()
     return result
 
@@ -276,7 +332,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--bundle", type=Path, default=DEFAULT_BUNDLE)
     ap.add_argument("--torch-threads", type=int, default=1)
     ap.add_argument("--batch-size", type=int, default=NodeConfig().detector.batch_size)
-    ap.add_argument("--batch-wait-ms", type=float, default=None, help="detector.batch_wait_ms (default: the shipped one)")
+    ap.add_argument("--batch-wait-ms", default=None,
+                    help="detector.batch_wait_ms (default: the shipped one); a comma list (e.g. 0,50) runs one node "
+                         "per value and alternates between them")
     ap.add_argument("--poll", type=float, default=None, help="processing.poll_interval_seconds (default: shipped)")
     ap.add_argument("--dispatch-interval", type=float, default=None, help="dispatch.interval_seconds (default: shipped)")
     ap.add_argument("--poll-pacs", type=float, default=0.05, help="seconds between two looks at Orthanc")

@@ -14,6 +14,11 @@ from tests.peers import require_binary
 pytestmark = pytest.mark.e2e
 
 
+def test_batch_sizes_from_verdict_times() -> None:
+    assert e2e_latency.batch_sizes([4.0, 4.0, 4.0, 4.0, 2.5, 2.5, 7.1]) == [4, 2, 1]
+    assert e2e_latency.batch_sizes([]) == []
+
+
 def test_e2e_latency_runs_and_writes_its_result(tmp_path: Path) -> None:
     require_binary("Orthanc")
     require_binary("storescu")
@@ -27,6 +32,8 @@ def test_e2e_latency_runs_and_writes_its_result(tmp_path: Path) -> None:
     for key in ("latency_s", "scoring_time_s", "bound_s", "model_seconds", "report_created_rel_s", "report_sent_rel_s"):
         assert isinstance(rep[key], (int, float)), key
     assert rep["latency_s"] > 0 and rep["scoring_time_s"] >= 0
+    assert sum(int(k) * n for k, n in rep["batch_size_counts"].items()) == 20
+    assert 1 <= rep["mean_batch"] <= result["settings"]["batch_size"]
     assert rep["bound_s"] == pytest.approx(1 + rep["scoring_time_s"] + e2e_latency.SLACK_SECONDS, abs=1e-3)
     assert rep["within_bound"] == (rep["latency_s"] <= rep["bound_s"])
     # the SR cannot reach the PACS before the series has been idle for series_idle_seconds
