@@ -44,7 +44,7 @@ from typing import Any, Protocol
 from pydicom import dcmread
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
-from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, evt
+from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, PYNETDICOM_IMPLEMENTATION_UID, PYNETDICOM_IMPLEMENTATION_VERSION, evt
 from pynetdicom.presentation import AllStoragePresentationContexts, StoragePresentationContexts
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 from pynetdicom.transport import ThreadedAssociationServer
@@ -303,6 +303,46 @@ def _incomplete_encoding(data: bytes, transfer_syntax: str) -> str | None:
     return _walk_data_set(data, transfer_syntax)[0]
 
 
+def _element(group: int, element: int, vr: bytes, value: bytes) -> bytes:
+    """One explicit VR little endian element (the encoding of every File Meta element)."""
+    if vr == b"OB":
+        return struct.pack("<HH2s2xL", group, element, vr, len(value)) + value
+    return struct.pack("<HH2sH", group, element, vr, len(value)) + value
+
+
+def _padded(text: str, pad: bytes) -> bytes:
+    raw = text.encode("ascii")
+    return raw + pad if len(raw) % 2 else raw
+
+
+def file_meta_bytes(sop_class_uid: str, sop_instance_uid: str, transfer_syntax_uid: str) -> bytes:
+    """Preamble, prefix and File Meta group exactly as pynetdicom's ``Event.encoded_dataset``
+    writes them, built directly: pydicom's writer costs about a tenth of a store's CPU."""
+    body = b"".join((
+        _element(0x0002, 0x0001, b"OB", b"\x00\x01"),
+        _element(0x0002, 0x0002, b"UI", _padded(sop_class_uid, b"\x00")),
+        _element(0x0002, 0x0003, b"UI", _padded(sop_instance_uid, b"\x00")),
+        _element(0x0002, 0x0010, b"UI", _padded(transfer_syntax_uid, b"\x00")),
+        _element(0x0002, 0x0012, b"UI", _padded(PYNETDICOM_IMPLEMENTATION_UID, b"\x00")),
+        _element(0x0002, 0x0013, b"SH", _padded(PYNETDICOM_IMPLEMENTATION_VERSION, b" ")),
+    ))
+    return b"\x00" * 128 + b"DICM" + _element(0x0002, 0x0000, b"UL", struct.pack("<L", len(body))) + body
+
+
+def encoded_with_meta(event: evt.Event) -> bytes:
+    """The C-STORE data set as received, behind a File Meta header (as ``event.encoded_dataset()``).
+
+    The header is built directly when the request's UIDs are clean UIDs; anything else
+    (padding, odd characters from a faulty peer) goes through pynetdicom as before.
+    """
+    request = event.request
+    uids = (str(request.AffectedSOPClassUID or ""), str(request.AffectedSOPInstanceUID or ""),
+            str(event.context.transfer_syntax or ""))
+    if all(valid_uid(u) == u for u in uids):
+        return file_meta_bytes(*uids) + event.encoded_dataset(include_meta=False)
+    return event.encoded_dataset(include_meta=True)
+
+
 # --------------------------------------------------------------------------- storage seam
 
 
@@ -364,7 +404,7 @@ class StoreHandler:
         calling_ae = str(event.assoc.requestor.ae_title or "").strip()
         peer = f"{event.assoc.requestor.address}:{event.assoc.requestor.port}"
         try:
-            data = event.encoded_dataset(include_meta=True)
+            data = encoded_with_meta(event)
         except Exception as exc:  # pragma: no cover - pynetdicom hands us a request without a data set
             logger.error("C-STORE without a data set", extra={"calling_ae": calling_ae, "error": str(exc)})
             return _status(STATUS_CANNOT_UNDERSTAND, "no data set")
