@@ -254,13 +254,85 @@ def _meta_transfer_syntax(data: bytes) -> str | None:
     return None
 
 
+@dataclass(frozen=True)
+class _Encoding:
+    implicit: bool
+    tag: str  # struct format of (group, element)
+    short: str  # 2-byte length
+    long: str  # 4-byte length
+
+
+_MAX_NESTING = 16  # sequences nested deeper than this are left to pydicom (hostile input)
+_ITEM, _ITEM_END, _SEQUENCE_END = 0xFFFEE000, 0xFFFEE00D, 0xFFFEE0DD
+
+
+def _element_header(data: bytes, pos: int, enc: _Encoding) -> tuple[int, int, int] | None:
+    """(tag, header size, value length) of the element at ``pos``; None when its header does not fit."""
+    if pos + 8 > len(data):
+        return None
+    group, element = struct.unpack_from(enc.tag, data, pos)
+    if enc.implicit or group == 0xFFFE:  # items and delimiters have no VR in either encoding
+        return group << 16 | element, 8, struct.unpack_from(enc.long, data, pos + 4)[0]
+    if data[pos + 4 : pos + 6] in _VR_LONG:
+        if pos + 12 > len(data):
+            return None
+        return group << 16 | element, 12, struct.unpack_from(enc.long, data, pos + 8)[0]
+    return group << 16 | element, 8, struct.unpack_from(enc.short, data, pos + 6)[0]
+
+
+def _skip_sequence(data: bytes, pos: int, enc: _Encoding, depth: int) -> int | None:
+    """Offset just after an undefined-length sequence (or encapsulated pixel data) whose first
+    item starts at ``pos``; None when it cannot be followed with certainty."""
+    if depth > _MAX_NESTING:
+        return None
+    while pos + 8 <= len(data):
+        group, element = struct.unpack_from(enc.tag, data, pos)
+        tag, length = group << 16 | element, struct.unpack_from(enc.long, data, pos + 4)[0]
+        pos += 8
+        if tag == _SEQUENCE_END:
+            return pos
+        if tag != _ITEM:
+            return None
+        if length != _UNDEFINED:
+            pos += length
+            continue
+        item_end = _skip_item(data, pos, enc, depth + 1)
+        if item_end is None:
+            return None
+        pos = item_end
+    return None
+
+
+def _skip_item(data: bytes, pos: int, enc: _Encoding, depth: int) -> int | None:
+    """Offset just after the Item Delimitation of an undefined-length item whose elements start at ``pos``."""
+    while True:
+        header = _element_header(data, pos, enc)
+        if header is None:
+            return None
+        tag, size, length = header
+        if tag == _ITEM_END:
+            return pos + 8
+        if length == _UNDEFINED:
+            after = _skip_sequence(data, pos + size, enc, depth)
+            if after is None:
+                return None
+            pos = after
+        else:
+            pos += size + length
+        if pos > len(data):
+            return None
+
+
 def _walk_data_set(data: bytes, transfer_syntax: str) -> tuple[str | None, int | None]:
     """One pass over the top-level element headers after the File Meta (values skipped, never decoded).
 
     Returns (why the data set is empty or ends inside an element, else None; the offset
-    of the first top-level element after ``_LAST_HEADER_TAG``, else None). An element
-    of undefined length (a sequence, encapsulated pixel data) ends the walk: its
-    content is checked when it is decoded. Deflated data sets are not walked.
+    of the first top-level element after ``_LAST_HEADER_TAG``, else None). Sequences
+    and encapsulated pixel data of undefined length are stepped over item by item; one
+    that cannot be followed (truncated, malformed, or nested deeper than
+    ``_MAX_NESTING``) ends the walk with (None, None): no offset, so that pydicom reads
+    the whole data set and its errors refuse the object as they always did.
+    Deflated data sets are not walked.
     """
     start = _data_set_start(data)
     if start is None:
@@ -269,26 +341,33 @@ def _walk_data_set(data: bytes, transfer_syntax: str) -> tuple[str | None, int |
         return "empty data set", None
     if transfer_syntax == _DEFLATED:
         return None, None
-    implicit = transfer_syntax == _IMPLICIT
     big = transfer_syntax == _BIG_ENDIAN
-    tag_fmt = ">HH" if big else "<HH"
-    short_fmt, long_fmt = (">H", ">L") if big else ("<H", "<L")
+    enc = _Encoding(
+        implicit=transfer_syntax == _IMPLICIT,
+        tag=">HH" if big else "<HH",
+        short=">H" if big else "<H",
+        long=">L" if big else "<L",
+    )
     end, pos, cut = len(data), start, None
     while pos < end:
-        header = 8 if implicit else (12 if data[pos + 4 : pos + 6] in _VR_LONG else 8)
+        header = 8 if enc.implicit else (12 if data[pos + 4 : pos + 6] in _VR_LONG else 8)
         if pos + header > end:
             return f"data set truncated inside an element header at byte {pos - start}", cut
-        group, element = struct.unpack_from(tag_fmt, data, pos)
+        group, element = struct.unpack_from(enc.tag, data, pos)
         if cut is None and (group << 16 | element) > _LAST_HEADER_TAG:
             cut = pos
-        if implicit:
-            length = struct.unpack_from(long_fmt, data, pos + 4)[0]
+        if enc.implicit:
+            length = struct.unpack_from(enc.long, data, pos + 4)[0]
         elif header == 8:
-            length = struct.unpack_from(short_fmt, data, pos + 6)[0]
+            length = struct.unpack_from(enc.short, data, pos + 6)[0]
         else:
-            length = struct.unpack_from(long_fmt, data, pos + 8)[0]
+            length = struct.unpack_from(enc.long, data, pos + 8)[0]
         if length == _UNDEFINED:
-            return None, cut
+            after = _skip_sequence(data, pos + header, enc, 0)
+            if after is None:  # not followed to its end: pydicom must read everything, as it did before
+                return None, None
+            pos = after
+            continue
         if pos + header + length > end:
             return (
                 f"data set truncated: element ({group:04X},{element:04X}) declares {length} bytes, "

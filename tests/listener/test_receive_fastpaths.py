@@ -65,3 +65,14 @@ def test_header_from_the_prefix_equals_a_full_read() -> None:
         assert header.sop_instance_uid == str(full.SOPInstanceUID).rstrip("\x00 ")
         compared += 1
     assert compared >= 20
+
+
+@pytest.mark.parametrize("name", ["waveform_ecg.dcm", "reportsi.dcm"])
+def test_truncated_inside_a_sequence_after_the_header_tags_is_refused(name: str) -> None:
+    # the sequence comes after (0028,0011): a data set cut inside it must not pass because
+    # pydicom was handed only the bytes up to the header tags
+    data = _file_bytes(Path(pydicom.data.__file__).parent / "test_files" / name)
+    assert data is not None
+    for cut in (len(data) - 7, len(data) - 100, (len(data) + 2000) // 2):
+        with pytest.raises(InvalidObjectError):
+            parse_header(data[:cut], max_pixels=10**12)
