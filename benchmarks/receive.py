@@ -297,12 +297,12 @@ def throughput_run(
     return {"receiver": kind, "associations": assocs, "seconds": seconds, "instances_per_s": len(files) / seconds}
 
 
-def latency_run(root: Path, files: list[Path], scorer_threads: int) -> dict[str, Any]:
+def latency_run(root: Path, files: list[Path], scorer_threads: int, repo: Path = REPO) -> dict[str, Any]:
     import pydicom
     from pynetdicom import AE
 
     datasets = [pydicom.dcmread(f) for f in files]
-    receiver = NodeReceiver(root, scorer_threads=scorer_threads)
+    receiver = NodeReceiver(root, scorer_threads=scorer_threads, repo=repo)
     times: list[float] = []
     try:
         ae = AE(ae_title="STORESCU")
@@ -328,6 +328,7 @@ def latency_run(root: Path, files: list[Path], scorer_threads: int) -> dict[str,
         raise RuntimeError(f"the emulated scorer did not run: see {root / 'node.log'}")
     return {
         "scorer_threads": scorer_threads,
+        "node": "node" if repo == REPO else f"reference ({repo})",
         "count": len(times),
         "p50_ms": percentile(times, 50),
         "p99_ms": percentile(times, 99),
@@ -442,6 +443,11 @@ def main(argv: list[str] | None = None) -> int:
                 latency_run(base / "latency-idle", lat_files, 0),
                 latency_run(base / "latency-loaded", lat_files, args.scorer_threads),
             ]
+            if args.reference_repo:
+                result["latency"] += [
+                    latency_run(base / "latency-ref-idle", lat_files, 0, args.reference_repo),
+                    latency_run(base / "latency-ref-loaded", lat_files, args.scorer_threads, args.reference_repo),
+                ]
     result["machine_after"] = machine_facts()
 
     print()
@@ -464,7 +470,7 @@ def main(argv: list[str] | None = None) -> int:
                   f"ratio to storescp {s['reference_ratio_median']:.2f}")
     for lat in result.get("latency", []):
         label = "idle" if not lat["scorer_threads"] else f"{lat['scorer_threads']} scorer threads"
-        print(f"C-STORE response, node {label:18s}: p50 {lat['p50_ms']:.1f} ms  p99 {lat['p99_ms']:.1f} ms  "
+        print(f"C-STORE response, {lat.get('node', 'node')} {label:18s}: p50 {lat['p50_ms']:.1f} ms  p99 {lat['p99_ms']:.1f} ms  "
               f"max {lat['max_ms']:.1f} ms  ({lat['count']} stores)")
     print(f"load average before {result['machine_before']['loadavg'][0]:.2f}, after {result['machine_after']['loadavg'][0]:.2f}"
           f" on {os.cpu_count()} CPUs")

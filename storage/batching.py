@@ -88,7 +88,7 @@ class GroupCommit(Generic[T, R]):
                 raise RuntimeError(f"run_batch returned {len(results)} results for {len(batch)} items")
             for w, r in zip(batch, results):
                 w.result = r
-        except BaseException as exc:
+        except BaseException as exc:  # noqa: BLE001 - handed to every waiter, who re-raises it
             if self._isolate is not None and len(batch) > 1 and self._isolate(exc):
                 for w in batch:
                     self._execute([w])

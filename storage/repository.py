@@ -279,7 +279,7 @@ class _ReceiveStatements:
     insert_events: Any
 
     @classmethod
-    def for_dialect(cls, dialect: str) -> "_ReceiveStatements":
+    def for_dialect(cls, dialect: str) -> _ReceiveStatements:
         if dialect == "sqlite":
             insert_ignoring = sqlite_insert
         elif dialect == "postgresql":
@@ -445,25 +445,25 @@ class Repository:
         path = Path(obj.spool_path).as_posix()
         new_id = conn.execute(
             stmts.insert_instance,
-            dict(
-                sop_instance_uid=obj.sop_instance_uid,
-                sop_class_uid=obj.sop_class_uid,
-                study_instance_uid=obj.study_instance_uid,
-                series_instance_uid=obj.series_instance_uid,
-                patient_id=obj.patient_id,
-                modality=obj.modality,
-                transfer_syntax_uid=obj.transfer_syntax_uid,
-                calling_ae=obj.calling_ae,
-                peer_address=obj.peer_address,
-                received_at=at,
-                status=obj.status,
-                status_reason=obj.reason,
-                spool_path=path,
-                sha256=obj.sha256,
-                size_bytes=obj.size_bytes,
-                attempts=0,
-                node_id=self.node_id,
-            ),
+            {
+                "sop_instance_uid": obj.sop_instance_uid,
+                "sop_class_uid": obj.sop_class_uid,
+                "study_instance_uid": obj.study_instance_uid,
+                "series_instance_uid": obj.series_instance_uid,
+                "patient_id": obj.patient_id,
+                "modality": obj.modality,
+                "transfer_syntax_uid": obj.transfer_syntax_uid,
+                "calling_ae": obj.calling_ae,
+                "peer_address": obj.peer_address,
+                "received_at": at,
+                "status": obj.status,
+                "status_reason": obj.reason,
+                "spool_path": path,
+                "sha256": obj.sha256,
+                "size_bytes": obj.size_bytes,
+                "attempts": 0,
+                "node_id": self.node_id,
+            },
         ).scalar()
         if new_id is not None:
             event = _event_row(
