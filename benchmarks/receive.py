@@ -158,7 +158,12 @@ def serve_bare(root: Path, port: int, poll_interval: float | None) -> int:
 
 
 def serve_node(
-    root: Path, port: int, scorer_threads: int, database_url: str | None = None, poll_interval: float | None = None
+    root: Path,
+    port: int,
+    scorer_threads: int,
+    database_url: str | None = None,
+    poll_interval: float | None = None,
+    switch_interval: float | None = None,
 ) -> int:
     """The node's receive path (listener + spool + SQLite repository) until stdin closes."""
     sys.path.insert(0, str(REPO))
@@ -171,6 +176,8 @@ def serve_node(
 
     cfg = parse_config(node_config(root, port, database_url, poll_interval))
     configure_logging(cfg.logging)
+    if switch_interval is not None:
+        sys.setswitchinterval(switch_interval)
     db = Database(cfg.storage.database_url)
     db.migrate()
     spool = Spool(cfg.storage.spool_dir, cfg.storage.min_free_bytes)
@@ -216,6 +223,7 @@ class NodeReceiver:
         poll_interval: float | None = None,
         bare: bool = False,
         repo: Path = REPO,
+        switch_interval: float | None = None,
     ) -> None:
         self.root = root
         self.port = free_port()
@@ -226,7 +234,8 @@ class NodeReceiver:
             [sys.executable, "-m", "benchmarks.receive", "--serve-bare" if bare else "--serve-node", str(root),
              str(self.port), "--scorer-threads", str(scorer_threads),
              *(["--database-url", database_url] if database_url else []),
-             *(["--poll-interval", str(poll_interval)] if poll_interval is not None else [])],
+             *(["--poll-interval", str(poll_interval)] if poll_interval is not None else []),
+             *(["--switch-interval", str(switch_interval)] if switch_interval is not None else [])],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.log, cwd=repo, text=True,
         )
         line = self.proc.stdout.readline()
@@ -297,12 +306,14 @@ def throughput_run(
     return {"receiver": kind, "associations": assocs, "seconds": seconds, "instances_per_s": len(files) / seconds}
 
 
-def latency_run(root: Path, files: list[Path], scorer_threads: int, repo: Path = REPO) -> dict[str, Any]:
+def latency_run(
+    root: Path, files: list[Path], scorer_threads: int, repo: Path = REPO, switch_interval: float | None = None
+) -> dict[str, Any]:
     import pydicom
     from pynetdicom import AE
 
     datasets = [pydicom.dcmread(f) for f in files]
-    receiver = NodeReceiver(root, scorer_threads=scorer_threads, repo=repo)
+    receiver = NodeReceiver(root, scorer_threads=scorer_threads, repo=repo, switch_interval=switch_interval)
     times: list[float] = []
     try:
         ae = AE(ae_title="STORESCU")
@@ -328,7 +339,8 @@ def latency_run(root: Path, files: list[Path], scorer_threads: int, repo: Path =
         raise RuntimeError(f"the emulated scorer did not run: see {root / 'node.log'}")
     return {
         "scorer_threads": scorer_threads,
-        "node": "node" if repo == REPO else f"reference ({repo})",
+        "node": ("node" if repo == REPO else f"reference ({repo})")
+        + (f", switch interval {switch_interval * 1000:g} ms" if switch_interval is not None else ""),
         "count": len(times),
         "p50_ms": percentile(times, 50),
         "p99_ms": percentile(times, 99),
@@ -355,13 +367,16 @@ def main(argv: list[str] | None = None) -> int:
                         help="listener.poll_interval_seconds of the node (and bare) processes; default: the config default")
     parser.add_argument("--reference-repo", type=Path,
                         help="also run the node of this checkout (e.g. `git worktree add /tmp/ref HEAD~1`), same runs")
+    parser.add_argument("--switch-interval", type=float,
+                        help="sys.setswitchinterval in the node process (Python's default 0.005), e.g. to measure "
+                             "its effect on the latency under the emulated scorer")
     parser.add_argument("--database-url", help=argparse.SUPPRESS)
     parser.add_argument("--serve-node", nargs=2, metavar=("ROOT", "PORT"), help=argparse.SUPPRESS)
     parser.add_argument("--serve-bare", nargs=2, metavar=("ROOT", "PORT"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.serve_node:
         return serve_node(Path(args.serve_node[0]), int(args.serve_node[1]), args.scorer_threads, args.database_url,
-                          args.poll_interval)
+                          args.poll_interval, args.switch_interval)
     if args.serve_bare:
         return serve_bare(Path(args.serve_bare[0]), int(args.serve_bare[1]), args.poll_interval)
 
@@ -443,6 +458,11 @@ def main(argv: list[str] | None = None) -> int:
                 latency_run(base / "latency-idle", lat_files, 0),
                 latency_run(base / "latency-loaded", lat_files, args.scorer_threads),
             ]
+            if args.switch_interval is not None:
+                result["latency"].append(
+                    latency_run(base / "latency-loaded-switch", lat_files, args.scorer_threads,
+                                switch_interval=args.switch_interval)
+                )
             if args.reference_repo:
                 result["latency"] += [
                     latency_run(base / "latency-ref-idle", lat_files, 0, args.reference_repo),
