@@ -98,7 +98,7 @@ class Node:
         if self._detector is None:
             self._detector = load_detector(cfg)
         self.pipeline = Pipeline(self.repo, self._detector, self.spool, cfg)
-        self.scp = StorageSCP(cfg, self.spool, self.repo, on_stored=self.pipeline.wake)
+        self.scp = StorageSCP(cfg, self.spool, self.repo, on_stored=self._stored)
         self.scp.start()
         self.pipeline.start()
         dispatcher = Dispatcher(cfg.dispatch, calling_ae=cfg.listener.ae_title)
@@ -108,6 +108,14 @@ class Node:
         host, port = self.scp.address
         logger.info("node ready", extra={"ae_title": cfg.listener.ae_title, "host": host, "port": port})
         self._notify(f"READY=1\nSTATUS=listening on {host}:{port} as {cfg.listener.ae_title}")
+
+    def _stored(self) -> None:
+        """An instance to analyse was stored: wake the workers, start the series' idle timer."""
+        if self.pipeline is not None:
+            self.pipeline.wake()
+        scheduler = self.scheduler
+        if scheduler is not None:  # None until started (the listener starts first)
+            scheduler.note_store()
 
     def stop(self) -> None:
         self._notify("STOPPING=1")

@@ -11,13 +11,27 @@
 Every job reads its work from the database and keeps nothing between runs, so a
 restart resumes where the last one stopped. ``max_instances=1`` and
 ``coalesce=True`` keep one run of a job at a time, however slow it is.
+
+The periods are the fallback; the two jobs on the latency path also run on demand:
+
+- a report queued by ``complete_series`` brings ``dispatch`` forward to now (the C-STORE
+  starts within milliseconds instead of up to ``dispatch.interval_seconds`` later);
+- every stored instance restarts a timer (:class:`_CompletionTimer`) that brings
+  ``complete_series`` forward to the moment the newest store is ``series_idle_seconds``
+  old, when its series becomes ready, instead of up to ``poll_interval_seconds`` later.
+
+A request that arrives while the job is already running is not lost: the running job
+goes round once more before it returns (``Jobs.request``).
 """
 
 from __future__ import annotations
 
 import io
 import logging
+import threading
+import time
 from collections import Counter
+from collections.abc import Callable
 from datetime import datetime, timedelta, timezone
 from typing import Any
 
@@ -36,6 +50,9 @@ logger = logging.getLogger(__name__)
 MAX_ANALYSIS_ATTEMPTS = 3
 _DISPATCH_BATCH = 20
 _RETENTION_BATCH = 1000
+# the completion timer fires this long after the newest store is series_idle_seconds old
+# (received_at is stamped before the store's callback, so the series is ready by then)
+_COMPLETION_MARGIN_SECONDS = 0.02
 
 
 def _utcnow() -> datetime:
@@ -52,11 +69,35 @@ class Jobs:
         self.dispatcher = dispatcher
         # groups whose SR cannot be built, keyed with their instance ids: reported once, not every tick
         self._broken: dict[tuple[str, str | None], tuple[int, ...]] = {}
+        # called (from the completion job's thread) when a report has been queued; the
+        # scheduler sets it to bring the dispatch job forward
+        self.on_report_queued: Callable[[], None] | None = None
+        # set by request(): the job, if running, goes round once more before returning
+        self._again = {"complete_series": threading.Event(), "dispatch": threading.Event()}
+
+    def request(self, job_id: str) -> None:
+        """Ask for one more pass of ``job_id`` (only what a running pass would miss:
+        the scheduler starts the next pass; see :meth:`NodeScheduler.run_now`)."""
+        again = self._again.get(job_id)
+        if again is not None:
+            again.set()
+
+    def _repeat(self, job_id: str, body: Callable[[], int]) -> int:
+        again = self._again[job_id]
+        done = 0
+        while True:
+            again.clear()
+            done += body()
+            if not again.is_set():
+                return done
 
     # -- series completion ----------------------------------------------------------
 
     def complete_series(self) -> int:
         """Build and queue the SR of every ready group; returns the number of SRs queued."""
+        return self._repeat("complete_series", self._complete_series_once)
+
+    def _complete_series_once(self) -> int:
         processing = self.cfg.processing
         queued = 0
         for group in self.repo.ready_groups(processing.series_idle_seconds, processing.report_scope):
@@ -64,7 +105,8 @@ class Jobs:
             if self._broken.get(key) == group.instance_ids:
                 continue
             try:
-                queued += self._report_group(group)
+                queued_now = self._report_group(group)
+                queued += queued_now
                 self._broken.pop(key, None)
             except (ReportError, OSError, SpoolError, ValueError) as exc:
                 self._broken[key] = group.instance_ids
@@ -76,7 +118,19 @@ class Jobs:
                         "error": str(exc),
                     },
                 )
+                continue
+            if queued_now:
+                self._report_queued()
         return queued
+
+    def _report_queued(self) -> None:
+        callback = self.on_report_queued
+        if callback is None:
+            return
+        try:
+            callback()
+        except Exception:
+            logger.exception("could not bring the dispatch job forward")
 
     def _report_group(self, group: Any) -> int:
         records = self.repo.instances_for(group.instance_ids)
@@ -143,6 +197,9 @@ class Jobs:
 
     def dispatch(self) -> int:
         """Send every due report; returns the number delivered."""
+        return self._repeat("dispatch", self._dispatch_once)
+
+    def _dispatch_once(self) -> int:
         delivered = 0
         while True:
             reports = self.repo.claim_due_reports(_utcnow(), _DISPATCH_BATCH)
@@ -236,15 +293,91 @@ class NodeScheduler:
         ]
         for name, body, seconds in plan:
             self._scheduler.add_job(_guarded(name, body), "interval", seconds=seconds, id=name, name=name)
+        jobs.on_report_queued = lambda: self.run_now("dispatch")
+        self._completion_timer = _CompletionTimer(
+            cfg.processing.series_idle_seconds + _COMPLETION_MARGIN_SECONDS, lambda: self.run_now("complete_series")
+        )
 
     def start(self) -> None:
         self._scheduler.start()
+        self._completion_timer.start()
+
+    def note_store(self) -> None:
+        """An instance was stored (the SCP's callback): its series may be ready idle seconds from now."""
+        self._completion_timer.note_store()
 
     def run_now(self, job_id: str) -> None:
-        """Bring a job's next run forward to now (e.g. dispatch after ``dski outbox retry``)."""
-        self._scheduler.modify_job(job_id, next_run_time=_utcnow())
+        """Bring a job's next run forward to now (e.g. dispatch after ``dski outbox retry``).
+
+        If the job is running, the running pass goes round once more instead (APScheduler
+        would skip a second concurrent run)."""
+        self.jobs.request(job_id)
+        if not self._scheduler.running:
+            return
+        try:
+            self._scheduler.modify_job(job_id, next_run_time=_utcnow())
+        except Exception:  # e.g. JobLookupError while shutting down
+            logger.debug("cannot bring job forward", extra={"job": job_id}, exc_info=True)
 
     def shutdown(self) -> None:
         """Stop scheduling and wait for running jobs to finish (a send in progress completes)."""
+        self._completion_timer.stop()
         if self._scheduler.running:
             self._scheduler.shutdown(wait=True)
+
+
+class _CompletionTimer:
+    """Calls ``fire`` once ``delay`` seconds have passed since the newest ``note_store``.
+
+    ``note_store`` runs on the SCP's thread for every stored instance, so it only takes
+    a lock and reads the monotonic clock; the waiting happens on this timer's own
+    thread. One timer for all series: a series that goes quiet while another keeps
+    arriving waits for the completion job's period, as before.
+    """
+
+    def __init__(self, delay: float, fire: Callable[[], None]) -> None:
+        self._delay = delay
+        self._fire = fire
+        self._lock = threading.Lock()
+        self._newest: float | None = None  # monotonic time of the newest store not yet fired for
+        self._event = threading.Event()
+        self._stopped = False
+        self._thread = threading.Thread(target=self._run, name="dski-completion-timer", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stopped = True
+        self._event.set()
+        if self._thread.is_alive():
+            self._thread.join(timeout=5)
+
+    def note_store(self) -> None:
+        with self._lock:
+            idle = self._newest is None
+            self._newest = time.monotonic()
+        if idle:
+            self._event.set()
+
+    def _run(self) -> None:
+        while not self._stopped:
+            with self._lock:
+                newest = self._newest
+            if newest is None:
+                self._event.wait()
+                self._event.clear()
+                continue
+            remaining = newest + self._delay - time.monotonic()
+            if remaining > 0:
+                self._event.wait(remaining)
+                self._event.clear()
+                continue
+            with self._lock:
+                if self._newest != newest:
+                    continue  # a newer store came in meanwhile: wait for it instead
+                self._newest = None
+            try:
+                self._fire()
+            except Exception:
+                logger.exception("completion timer failed")
