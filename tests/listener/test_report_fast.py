@@ -23,10 +23,12 @@ from pydicom.uid import ExplicitVRLittleEndian
 
 from listener.config import ReportConfig
 from listener.report import (
+    SOURCE_TAGS,
     ReportItem,
     build_report,
     build_report_highdicom,
     encode_report,
+    report_order_key,
     write_report,
 )
 from tests.listener.test_report import (
@@ -216,3 +218,31 @@ def test_shared_items_do_not_leak_between_reports():
         return out
 
     assert not (ids(first, set()) & ids(second, set()))
+
+
+def test_sources_read_with_source_tags_give_the_same_report():
+    """The scheduler parses only SOURCE_TAGS of every header but the first in report order."""
+    sources = _ct_small_series(6) + [synthetic_ct(i) for i in (7, 8, 9)]
+    sources[7].Modality = "CR"
+    sources[7].SOPClassUID = "1.2.840.10008.5.1.4.1.1.1"
+    sources[7].PatientOrientation = ["A", "F"]
+    sources[7].ImagerPixelSpacing = [0.1, 0.1]
+    del sources[8].PixelSpacing
+    for ds in sources:
+        ds.StudyInstanceUID = STUDY
+        ds.SeriesInstanceUID = SERIES
+        ds.SOPInstanceUID = f"{SERIES}.{ds.InstanceNumber}"
+    blobs = []
+    for ds in sources:
+        buffer = io.BytesIO()
+        ds.save_as(buffer, enforce_file_format=True)
+        blobs.append(buffer.getvalue())
+    full = [pydicom.dcmread(io.BytesIO(b), stop_before_pixels=True) for b in blobs]
+    partial = [pydicom.dcmread(io.BytesIO(b), stop_before_pixels=True, specific_tags=list(SOURCE_TAGS)) for b in blobs]
+    first = min(range(len(partial)), key=lambda i: report_order_key(partial[i]))
+    partial[first] = full[first]
+    scores = [0.1, 0.9, 0.3, 0.7, 0.5, 0.2, 0.8, 0.4, 0.6]
+    a = _normalise(build_report(items_for(full, scores), algorithm=ALGO, cfg=CFG, scope="series", now=NOW))
+    b = _normalise(build_report(items_for(partial, scores), algorithm=ALGO, cfg=CFG, scope="series", now=NOW))
+    assert_same(b, a)
+    assert encode_report(b) == encode_report(a)
