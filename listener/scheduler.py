@@ -84,6 +84,9 @@ class Jobs:
         self.on_report_queued: Callable[[], None] | None = None
         # set by request(): the job, if running, goes round once more before returning
         self._again = {"complete_series": threading.Event(), "dispatch": threading.Event()}
+        # set while a pass of the job runs: run_now then only asks for another round, because
+        # APScheduler would refuse (and log a warning for) a second concurrent run
+        self._running = {job: threading.Event() for job in self._again}
 
     def request(self, job_id: str) -> None:
         """Ask for one more pass of ``job_id`` (only what a running pass would miss:
@@ -92,12 +95,24 @@ class Jobs:
         if again is not None:
             again.set()
 
+    def is_running(self, job_id: str) -> bool:
+        running = self._running.get(job_id)
+        return running is not None and running.is_set()
+
     def _repeat(self, job_id: str, body: Callable[[], int]) -> int:
-        again = self._again[job_id]
+        again, running = self._again[job_id], self._running[job_id]
         done = 0
         while True:
-            again.clear()
-            done += body()
+            running.set()
+            try:
+                while True:
+                    again.clear()
+                    done += body()
+                    if not again.is_set():
+                        break
+            finally:
+                running.clear()
+            # a request that saw the pass running just before it ended must not wait for the period
             if not again.is_set():
                 return done
 
@@ -340,7 +355,7 @@ class NodeScheduler:
         If the job is running, the running pass goes round once more instead (APScheduler
         would skip a second concurrent run)."""
         self.jobs.request(job_id)
-        if not self._scheduler.running:
+        if not self._scheduler.running or self.jobs.is_running(job_id):
             return
         try:
             self._scheduler.modify_job(job_id, next_run_time=_utcnow())

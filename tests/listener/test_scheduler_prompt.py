@@ -85,6 +85,20 @@ def test_request_during_a_pass_runs_one_more_pass():
     assert len(passes) == 2
 
 
+def test_a_running_pass_is_visible_so_run_now_does_not_start_a_second_one():
+    """APScheduler refuses a second concurrent run and logs a warning: run_now must only ask for a round."""
+    jobs = Jobs(_cfg(), _Repo(), spool=None, dispatcher=SimpleNamespace())
+    seen: list[bool] = []
+
+    def body() -> int:
+        seen.append(jobs.is_running("dispatch"))
+        return 0
+
+    assert not jobs.is_running("dispatch")
+    jobs._repeat("dispatch", body)
+    assert seen == [True] and not jobs.is_running("dispatch") and not jobs.is_running("retention")
+
+
 def test_queued_report_brings_dispatch_forward():
     repo = _Repo()
     jobs = Jobs(_cfg(dispatch_every=30), repo, spool=None, dispatcher=SimpleNamespace())
