@@ -34,3 +34,17 @@ def test_default_bundle_manifest_states_its_limits(detector: Detector) -> None:
     manifest = json.loads((ROOT / "bundles" / "default" / "manifest.json").read_text())
     assert "not clinically validated" in manifest["clinical_use"]
     assert manifest["training"]["backbone"] == "dski-tiny"
+
+
+def test_default_bundle_carries_its_calibration_set() -> None:
+    """``dski bank add`` on the shipped bundle re-chooses λ on its validation images (detector.calibration)."""
+    import json
+
+    from detector.calibration import load_calibration
+
+    bundle = ROOT / "bundles" / "default"
+    cal = load_calibration(bundle)
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    counts = manifest["training"]["validation"]["counts"]
+    assert cal is not None and len(cal) == sum(sum(per.values()) for per in counts.values())
+    assert (cal.bank_ids == -1).all() and cal.embeddings.shape[1] == manifest["embedding_dim"]
