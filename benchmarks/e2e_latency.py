@@ -53,7 +53,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import sqlite3
 import sys
 import tempfile
 import time
@@ -80,38 +79,25 @@ def db_epoch(value: str | None) -> float | None:
     return datetime.fromisoformat(value).replace(tzinfo=UTC).timestamp()
 
 
-def query(db_path: Path, sql: str, *args: Any) -> list[sqlite3.Row]:
-    con = sqlite3.connect(f"file:{db_path}?mode=ro", uri=True, timeout=30)
-    con.row_factory = sqlite3.Row
-    try:
-        return con.execute(sql, args).fetchall()
-    finally:
-        con.close()
-
-
-def series_facts(db_path: Path, series_uid: str) -> dict[str, Any]:
-    """What the node's database says about one source series: receive, verdict and report times."""
-    inst = query(
-        db_path,
+def series_facts(node: Any, series_uid: str) -> dict[str, Any]:
+    """What the node's database says about one source series (``tests.nodeproc.NodeProcess.db``, read-only)."""
+    inst = node.db(
         "SELECT count(*) AS n, min(received_at) AS first, max(received_at) AS last, "
         "sum(status = 'analysed') AS analysed, sum(status = 'failed') AS failed "
         "FROM instances WHERE series_instance_uid = ?",
         series_uid,
     )[0]
-    ver = query(
-        db_path,
+    ver = node.db(
         "SELECT count(*) AS n, min(v.created_at) AS first, max(v.created_at) AS last, sum(v.elapsed_ms) AS ms "
         "FROM verdicts v JOIN instances i ON i.id = v.instance_id WHERE i.series_instance_uid = ?",
         series_uid,
     )[0]
-    rep = query(
-        db_path,
+    rep = node.db(
         "SELECT created_at, sent_at, status, instance_count FROM reports "
         "WHERE source_series_instance_uid = ? ORDER BY id LIMIT 1",
         series_uid,
     )
-    elapsed = [r[0] for r in query(
-        db_path,
+    elapsed = [r[0] for r in node.db(
         "SELECT v.elapsed_ms FROM verdicts v JOIN instances i ON i.id = v.instance_id "
         "WHERE i.series_instance_uid = ? ORDER BY v.id",
         series_uid,
@@ -187,13 +173,13 @@ def one_rep(i: int, node: Any, pacs: Any, work: Path, count: int, idle: float, p
         time.sleep(poll_pacs)
     if t_sr is None:
         raise RuntimeError(f"no SR in the PACS {timeout} s after the last ack; node log:\n{node.log_tail()}")
-    facts = series_facts(node.db_path, series_uid)
+    facts = series_facts(node, series_uid)
     # the report row is marked sent just after Orthanc answered: wait for it briefly
     for _ in range(40):
         if facts["report_sent"] is not None:
             break
         time.sleep(0.05)
-        facts = series_facts(node.db_path, series_uid)
+        facts = series_facts(node, series_uid)
     latency = t_sr - t_ack
     scoring = max(0.0, (facts["last_verdict"] or t_ack) - t_ack)
     bound = idle + scoring + SLACK_SECONDS

@@ -27,7 +27,7 @@ from __future__ import annotations
 import logging
 import os
 import tempfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -220,10 +220,10 @@ def choose_fusion(bank: SupportBank, cal: CalibrationSet, *, k: int, temperature
     keep = FusionChoice(lam=lam, threshold=threshold, previous_lam=lam, previous_threshold=threshold, auc=None,
                         n_real=n_real, n_fake=n_fake, n_support=n_support)
     if n_fake == 0 or n_real == 0:
-        return FusionChoice(**{**keep.__dict__, "reason": "calibration set lacks real or fake images"})
+        return replace(keep, reason="calibration set lacks real or fake images")
     p_ret = leave_one_out_retrieval(bank, cal, k, temperature)
     if p_ret is None:
-        return FusionChoice(**{**keep.__dict__, "reason": "empty bank"})
+        return replace(keep, reason="empty bank")
     by_lambda: dict[str, float | None] = {}
     best: tuple[float, float] | None = None  # (auc, λ)
     for g in sorted(set(grid) | {lam}):
@@ -235,8 +235,8 @@ def choose_fusion(bank: SupportBank, cal: CalibrationSet, *, k: int, temperature
                                                           and abs(g - lam) < abs(best[1] - lam)):
             best = (auc, g)
     if best is None:
-        return FusionChoice(**{**keep.__dict__, "auc_by_lambda": by_lambda,
-                               "reason": "no modality has both real and fake calibration images"})
+        return replace(keep, auc_by_lambda=by_lambda,
+                       reason="no modality has both real and fake calibration images")
     auc, chosen = best
     if chosen == lam:
         new_threshold = threshold  # nothing learnt: keep training's threshold

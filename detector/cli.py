@@ -13,12 +13,15 @@ import logging
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated, Any, Literal, TypeVar
+from typing import TYPE_CHECKING, Annotated, Any, Literal, TypeVar
 
 import numpy as np
 import typer
 
 from detector.errors import DetectorError
+
+if TYPE_CHECKING:
+    from detector.calibration import CalibrationSet
 
 app = typer.Typer(help="DSKI detector: train, evaluate, detect, and manage the retrieval bank.",
                   no_args_is_help=True, add_completion=False)
@@ -211,6 +214,7 @@ def bank_add(
     λ and the threshold are then re-chosen on the bundle's calibration set and the support
     images (``detector.calibration``) and recorded in the bank history.
     """
+    from detector.calibration import CalibrationSet
     from detector.detector import Detector
     from detector.preprocess import prepare_file
     from detector.retrieval import SupportEntry
@@ -227,31 +231,26 @@ def bank_add(
     entries = [SupportEntry(label, img.modality, generator, str(f))  # type: ignore[arg-type]
                for img, f in zip(images, files)]
     ids = detector.bank.add(emb, entries)
-    support = [(f.classifier, f.embeddings) for f in frames]
-    _record_bank_edit(bundle, detector.bank, detector.bundle.manifest, "add", keep_fusion, count=len(ids), label=label, generator=generator,
-                      modality=modality, ids=ids,
-                      added=(support, [int(label == "fake")] * len(ids), [img.modality for img in images],
-                             [generator] * len(ids), ids))
+    added = CalibrationSet.from_frame_scores(
+        [(f.classifier, f.embeddings) for f in frames], [int(label == "fake")] * len(ids),
+        [img.modality for img in images], [generator] * len(ids), ids)
+    _record_bank_edit(bundle, detector.bank, detector.bundle.manifest, "add", keep_fusion, added=added,
+                      count=len(ids), label=label, generator=generator, modality=modality, ids=ids)
     typer.echo(f"added {len(ids)} {label} image(s) (ids {ids[0]}..{ids[-1]}); bank size {len(detector.bank)}")
 
 
 def _record_bank_edit(bundle: Path, bank: Any, manifest: Any, action: Literal["add", "remove"], keep_fusion: bool, *,
-                      added: tuple[Any, ...] | None = None, removed_ids: set[int] | None = None,
+                      added: CalibrationSet | None = None, removed_ids: set[int] | None = None,
                       **event: Any) -> None:
     """Update the calibration set, re-choose λ and the threshold, save the bank and its history."""
     from detector.bundle import record_bank_change
-    from detector.calibration import (
-        CalibrationSet,
-        choose_fusion,
-        load_calibration,
-        save_calibration,
-    )
+    from detector.calibration import choose_fusion, load_calibration, save_calibration
 
     cal = load_calibration(bundle)
     fusion = None
     if cal is not None:
         if added is not None:
-            cal = cal.extend(CalibrationSet.from_frame_scores(*added))
+            cal = cal.extend(added)
         if removed_ids:
             cal = cal.without_bank_ids(removed_ids)
         if not keep_fusion:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-import torch
 
 from benchmarks import detect
 from detector.cdfa import CDFABlock
@@ -17,12 +16,7 @@ def setup() -> detect.Setup:
     return detect.bundle_setup()
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def test_bare_backbone_is_an_unadapted_copy(setup: detect.Setup) -> None:

@@ -19,18 +19,24 @@ from benchmarks.medsynth.mr import simulate_mr
 from benchmarks.medsynth.phantoms import ellipse_mask, grid
 from benchmarks.medsynth.radiography import simulate_radiograph
 from benchmarks.medsynth.simulate import simulate
-from benchmarks.medsynth.train_generators import TrainConfig, WeightsError, load, save, train, training_set
-from benchmarks.medsynth.ultrasound import RAYLEIGH_SNR_INV, simulate_us, speckle_envelope
+from benchmarks.medsynth.train_generators import (
+    TrainConfig,
+    WeightsError,
+    load,
+    save,
+    train,
+    training_set,
+)
+from benchmarks.medsynth.ultrasound import (
+    RAYLEIGH_SNR_INV,
+    simulate_us,
+    speckle_envelope,
+)
 
 SIZE = 128
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 # --------------------------------------------------------------------------- simulators

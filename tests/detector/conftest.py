@@ -23,12 +23,8 @@ NOISE_SIGMA = 0.03
 
 
 @pytest.fixture(autouse=True)
-def _one_torch_thread():
-    """Detector tests run single-threaded: faster and steadier on the shared 2-core machines."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+def _one_torch_thread(one_torch_thread: None) -> None:
+    """Every detector test runs single-threaded (``tests/conftest.py``)."""
 
 
 def _generator_kernel(name: str) -> np.ndarray:
