@@ -157,7 +157,7 @@ def is_own_report(ds: Dataset, cfg: ReportConfig) -> bool:
     when the PACS drops that, by the SOP class being an SR together with our
     Manufacturer: a PACS forwarding our report back must not get it analysed again.
     The header must include Manufacturer, SeriesDescription and the Coding Scheme
-    Identification Sequence (see ``listener.scp.HEADER_TAGS``).
+    Identification Sequence (see ``listener.header.HEADER_TAGS``).
     """
     sop_class = str(ds.get("SOPClassUID", "") or "")
     if not sop_class.startswith(SR_PREFIX) and ds.get("Modality") != "SR":

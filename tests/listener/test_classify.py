@@ -128,7 +128,7 @@ def test_our_manufacturer_on_an_image_is_still_an_image() -> None:
 def test_a_real_report_is_recognised(tmp_path) -> None:
     """An SR built by listener.report, read back header-only as the listener reads it."""
     from listener.report import AlgorithmInfo, ReportItem, build_report
-    from listener.scp import HEADER_TAGS
+    from listener.header import HEADER_TAGS
 
     source = pydicom.dcmread(get_testdata_file("CT_small.dcm"), stop_before_pixels=True)
     sr = build_report(

@@ -17,7 +17,7 @@ import pytest
 from pydicom.uid import UID
 from pynetdicom.dsutils import create_file_meta, encode_file_meta
 
-from listener.scp import HEADER_TAGS, InvalidObjectError, file_meta_bytes, parse_header
+from listener.header import HEADER_TAGS, InvalidObjectError, file_meta_bytes, parse_header
 
 
 @pytest.mark.parametrize(

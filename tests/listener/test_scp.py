@@ -18,15 +18,9 @@ from pydicom.data import get_testdata_file
 from pynetdicom import evt
 
 from listener.config import NodeConfig, parse_config
-from listener.scp import (
-    STATUS_BAD_UID,
-    STATUS_CANNOT_UNDERSTAND,
-    STATUS_TOO_LARGE,
-    InvalidObjectError,
-    StorageSCP,
-    parse_header,
-    valid_uid,
-)
+from listener.dimse import STATUS_BAD_UID, STATUS_CANNOT_UNDERSTAND, STATUS_TOO_LARGE
+from listener.header import InvalidObjectError, parse_header, valid_uid
+from listener.scp import StorageSCP
 from storage.database import Database
 from storage.errors import DatabaseUnavailableError
 from storage.repository import Repository

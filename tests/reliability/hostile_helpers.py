@@ -36,7 +36,7 @@ from pynetdicom.dsutils import encode
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
 from listener.config import NodeConfig, parse_config
-from listener.scp import (
+from listener.dimse import (
     STATUS_BAD_UID,
     STATUS_CANNOT_UNDERSTAND,
     STATUS_OUT_OF_RESOURCES,
@@ -45,8 +45,8 @@ from listener.scp import (
     STATUS_SUCCESS,
     STATUS_TOO_LARGE,
     STATUS_UID_MISMATCH,
-    StorageSCP,
 )
+from listener.scp import StorageSCP
 from storage.database import Database
 from storage.repository import Repository
 from storage.spool import Spool
@@ -55,7 +55,7 @@ from tests.peers import free_port
 AET = "DSKI"
 SCU_AET = "FUZZER"
 
-# Every status the listener documents for a C-STORE (listener/scp.py); a response with
+# Every status the listener documents for a C-STORE (listener/dimse.py); a response with
 # any other code, or no response at all, is a fuzz failure.
 DOCUMENTED_STATUSES = frozenset(
     {

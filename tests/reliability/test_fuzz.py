@@ -24,7 +24,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from listener.scp import STATUS_SUCCESS
+from listener.dimse import STATUS_SUCCESS
 from tests.reliability.hostile_helpers import (
     DELIMITERS,
     DOCUMENTED_STATUSES,

@@ -26,7 +26,7 @@ from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
 from listener.config import parse_config
 from listener.pipeline import Pipeline
-from listener.scp import STATUS_BAD_UID, STATUS_CANNOT_UNDERSTAND, STATUS_SUCCESS, STATUS_TOO_LARGE
+from listener.dimse import STATUS_BAD_UID, STATUS_CANNOT_UNDERSTAND, STATUS_SUCCESS, STATUS_TOO_LARGE
 from tests.reliability.hostile_helpers import (
     ComprehensiveSRStorage,
     EncapsulatedPDFStorage,

@@ -29,7 +29,7 @@ from pynetdicom.sop_class import CTImageStorage, Verification  # type: ignore[at
 
 from listener.config import Destination
 from listener.dispatch import send_dataset
-from listener.scp import STATUS_SUCCESS
+from listener.dimse import STATUS_SUCCESS
 from tests.peers import require_binary, storescu
 from tests.reliability.hostile_helpers import (
     AET,
