@@ -84,18 +84,15 @@ NODE_AET = "DSKI"
 # --------------------------------------------------------------------------- node receiver process
 
 
-def node_config(
-    root: Path, port: int, database_url: str | None = None, poll_interval: float | None = None
-) -> dict[str, Any]:
+def node_config(root: Path, port: int, database_url: str | None = None, receivers: int = 1) -> dict[str, Any]:
     listener: dict[str, Any] = {
         "ae_title": NODE_AET,
         "host": "127.0.0.1",
         "port": port,
         "calling_aes": [{"ae_title": "STORESCU", "host": "127.0.0.1"}],
         "max_associations": 16,
+        "receiver_processes": receivers,
     }
-    if poll_interval is not None:
-        listener["poll_interval_seconds"] = poll_interval
     return {
         "listener": listener,
         "storage": {
@@ -128,31 +125,54 @@ def _scorer_load(stop: threading.Event, ct_bytes: bytes, counter: list[int]) -> 
             counter[0] += 1
 
 
-def serve_bare(root: Path, port: int, poll_interval: float | None) -> int:
-    """The pynetdicom ceiling: the node's AE (same contexts, PDU size, poll interval) whose
-    C-STORE handler answers success at once, without touching the data, until stdin closes."""
+def serve_bare(root: Path, port: int, kind: str) -> int:
+    """A receiver that answers success at once without touching the data, until stdin closes:
+    the ceiling of a Python receiver built on it. ``kind`` "pynetdicom": pynetdicom's AE with
+    the node's presentation contexts (what the node used before ``listener.acceptor``);
+    "acceptor": the node's own ``listener.acceptor`` with the node's settings."""
     sys.path.insert(0, str(REPO))
-    from pynetdicom import evt
-
+    from listener.acceptor import (
+        AcceptorCallbacks,
+        AssociationAcceptor,
+        Status,
+        listening_socket,
+    )
     from listener.config import parse_config
-    from listener.scp import association_tuning, build_ae
+    from listener.scp import acceptor_settings, supported_contexts
 
-    cfg = parse_config(node_config(root, port, poll_interval=poll_interval))
-    ae = build_ae(cfg.listener)
-    ae.require_calling_aet = []
+    cfg = parse_config(node_config(root, port))
     count = [0]
 
-    def handle_store(event: evt.Event) -> int:
-        count[0] += 1
-        return 0x0000
+    if kind == "pynetdicom":
+        from pynetdicom import AE, evt
 
-    server = ae.start_server(
-        (cfg.listener.host, port), block=False,
-        evt_handlers=[(evt.EVT_C_STORE, handle_store), association_tuning(cfg.listener)],
-    )
+        ae = AE(ae_title=cfg.listener.ae_title)
+        ae.supported_contexts = supported_contexts()
+        ae.maximum_associations = cfg.listener.max_associations
+        ae.maximum_pdu_size = cfg.listener.max_pdu_bytes
+
+        def handle_store(event: evt.Event) -> int:
+            count[0] += 1
+            return 0x0000
+
+        server = ae.start_server((cfg.listener.host, port), block=False, evt_handlers=[(evt.EVT_C_STORE, handle_store)])
+        stop = server.shutdown
+    else:
+        def store(request: Any) -> Status:
+            count[0] += 1
+            return Status(0x0000)
+
+        acceptor = AssociationAcceptor(
+            acceptor_settings(cfg.listener), supported_contexts(), AcceptorCallbacks(lambda _a, _h: True, store)
+        )
+        acceptor.start(listening_socket(cfg.listener.host, port))
+
+        def stop() -> None:
+            acceptor.stop(0)
+
     print("READY", flush=True)
     sys.stdin.read()
-    server.shutdown()
+    stop()
     print(json.dumps({"rows": count[0]}), flush=True)
     return 0
 
@@ -162,19 +182,24 @@ def serve_node(
     port: int,
     scorer_threads: int,
     database_url: str | None = None,
-    poll_interval: float | None = None,
     switch_interval: float | None = None,
+    receivers: int = 1,
 ) -> int:
-    """The node's receive path (listener + spool + SQLite repository) until stdin closes."""
+    """The node's receive path (listener + spool + SQLite repository) until stdin closes,
+    laid out as ``dski serve`` lays it out: ``receivers`` receiver processes
+    (``listener.receiver_processes``; 0: the listener in this process), and this
+    process, where the emulated scorer runs, at ``detector.nice``."""
     sys.path.insert(0, str(REPO))
     from listener.config import parse_config
     from listener.logging_setup import configure as configure_logging
+    from listener.node import lower_priority
+    from listener.receivers import ReceiverPool
     from listener.scp import StorageSCP
     from storage.database import Database
     from storage.repository import Repository
     from storage.spool import Spool
 
-    cfg = parse_config(node_config(root, port, database_url, poll_interval))
+    cfg = parse_config(node_config(root, port, database_url, receivers))
     configure_logging(cfg.logging)
     if switch_interval is not None:
         sys.setswitchinterval(switch_interval)
@@ -182,8 +207,14 @@ def serve_node(
     db.migrate()
     spool = Spool(cfg.storage.spool_dir, cfg.storage.min_free_bytes)
     repo = Repository(db, node_id=spool.node_id)
-    scp = StorageSCP(cfg, spool, repo)
-    scp.start()
+    server: Any
+    if receivers:
+        server = ReceiverPool(cfg, receivers, on_stored=lambda: None)
+        server.start()
+    else:
+        server = StorageSCP(cfg, spool, repo)
+        server.start()
+    lower_priority(cfg.detector.nice)
     stop = threading.Event()
     counter = [0]
     threads = []
@@ -200,7 +231,7 @@ def serve_node(
     print("READY", flush=True)
     sys.stdin.read()  # the parent closes stdin to stop us
     stop.set()
-    scp.stop(0)
+    server.stop(0)
     for t in threads:
         t.join(10)
     from sqlalchemy import func, select
@@ -220,21 +251,27 @@ class NodeReceiver:
         root: Path,
         scorer_threads: int = 0,
         database_url: str | None = None,
-        poll_interval: float | None = None,
-        bare: bool = False,
+        bare: str | None = None,
         repo: Path = REPO,
         switch_interval: float | None = None,
+        receivers: int | None = None,
     ) -> None:
         self.root = root
         self.port = free_port()
         self.scorer_threads = scorer_threads
         root.mkdir(parents=True, exist_ok=True)
-        self.log = open(root / "node.log", "wb")
+        log_path = root / "node.log"
+        for n in range(1, 100):  # several receiver processes may share one root
+            if not log_path.exists():
+                break
+            log_path = root / f"node-{n}.log"
+        self.log = open(log_path, "wb")
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "benchmarks.receive", "--serve-bare" if bare else "--serve-node", str(root),
              str(self.port), "--scorer-threads", str(scorer_threads),
+             *(["--bare-kind", bare] if bare else []),
              *(["--database-url", database_url] if database_url else []),
-             *(["--poll-interval", str(poll_interval)] if poll_interval is not None else []),
+             *(["--receivers", str(receivers)] if receivers is not None else []),
              *(["--switch-interval", str(switch_interval)] if switch_interval is not None else [])],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.log, cwd=repo, text=True,
         )
@@ -281,20 +318,21 @@ def throughput_run(
     files: list[Path],
     assocs: int,
     pg: Any = None,
-    poll_interval: float | None = None,
     reference: Path | None = None,
 ) -> dict[str, Any]:
     if kind.startswith("pg"):  # "pgK": K node processes sharing one fresh PostgreSQL database
         url = pg.create_database(root.name.replace("-", "_"))
-        receivers: list[Any] = [
-            NodeReceiver(root / f"node{k}", database_url=url, poll_interval=poll_interval) for k in range(int(kind[2:]))
-        ]
+        receivers: list[Any] = [NodeReceiver(root / f"node{k}", database_url=url) for k in range(int(kind[2:]))]
     elif kind == "storescp":
         receivers = [StorescpReceiver(root)]
     elif kind == "reference":  # the node of another checkout (e.g. a git worktree of the previous commit)
         receivers = [NodeReceiver(root, repo=reference)]
-    else:  # "node", or "bare": pynetdicom answering at once
-        receivers = [NodeReceiver(root, poll_interval=poll_interval, bare=kind == "bare")]
+    elif kind.startswith("bare-"):  # "bare-pynetdicom", "bare-acceptor": success at once
+        receivers = [NodeReceiver(root, bare=kind[5:])]
+    elif kind == "node":  # as shipped: listener.receiver_processes 1
+        receivers = [NodeReceiver(root)]
+    else:  # "nodeK": listener.receiver_processes K (0: the listener in the node process)
+        receivers = [NodeReceiver(root, receivers=int(kind[4:]))]
     try:
         seconds = run_storescu_parallel([r.port for r in receivers], split(files, assocs))
     finally:
@@ -362,9 +400,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--postgres", action="store_true",
                         help="also run 1 and 2 node processes on one throwaway PostgreSQL database (pg1, pg2)")
     parser.add_argument("--bare-pynetdicom", action="store_true",
-                        help="also run the pynetdicom ceiling: the node's AE answering success at once (bare)")
-    parser.add_argument("--poll-interval", type=float,
-                        help="listener.poll_interval_seconds of the node (and bare) processes; default: the config default")
+                        help="also run a pynetdicom AE with the node's contexts answering success at once")
+    parser.add_argument("--bare-acceptor", action="store_true",
+                        help="also run the node's listener.acceptor answering success at once (its ceiling)")
+    parser.add_argument("--receivers", default="",
+                        help="also run the node with these listener.receiver_processes values, e.g. 0,2 "
+                             "(0: the listener in the node process); the node as shipped has 1")
     parser.add_argument("--reference-repo", type=Path,
                         help="also run the node of this checkout (e.g. `git worktree add /tmp/ref HEAD~1`), same runs")
     parser.add_argument("--switch-interval", type=float,
@@ -373,12 +414,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--database-url", help=argparse.SUPPRESS)
     parser.add_argument("--serve-node", nargs=2, metavar=("ROOT", "PORT"), help=argparse.SUPPRESS)
     parser.add_argument("--serve-bare", nargs=2, metavar=("ROOT", "PORT"), help=argparse.SUPPRESS)
+    parser.add_argument("--bare-kind", default="acceptor", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.serve_node:
         return serve_node(Path(args.serve_node[0]), int(args.serve_node[1]), args.scorer_threads, args.database_url,
-                          args.poll_interval, args.switch_interval)
+                          args.switch_interval, int(args.receivers or 1))
     if args.serve_bare:
-        return serve_bare(Path(args.serve_bare[0]), int(args.serve_bare[1]), args.poll_interval)
+        return serve_bare(Path(args.serve_bare[0]), int(args.serve_bare[1]), args.bare_kind)
 
     require("storescu")
     require("storescp")
@@ -397,7 +439,11 @@ def main(argv: list[str] | None = None) -> int:
         result["mean_file_bytes"] = size
         print(f"  {size / 1024:.1f} kB each; load average {os.getloadavg()[0]:.2f}; {os.cpu_count()} CPUs", flush=True)
         pg = None
-        kinds = ["node", "storescp"] + (["bare"] if args.bare_pynetdicom else [])
+        kinds = ["node", "storescp"]
+        receiver_variants = [int(k) for k in args.receivers.split(",") if k.strip()] if args.receivers else []
+        kinds += [f"node{k}" for k in receiver_variants if k != 1]
+        kinds += ["bare-pynetdicom"] if args.bare_pynetdicom else []
+        kinds += ["bare-acceptor"] if args.bare_acceptor else []
         kinds += ["reference"] if args.reference_repo else []
         if args.postgres:
             sys.path.insert(0, str(REPO))
@@ -415,7 +461,7 @@ def main(argv: list[str] | None = None) -> int:
                     n += 1
                     fsync_ms = fsync_probe_ms(base)
                     run = throughput_run(
-                        kind, base / f"run-{n}-{kind}", files, assocs, pg, args.poll_interval, args.reference_repo
+                        kind, base / f"run-{n}-{kind}", files, assocs, pg, args.reference_repo
                     )
                     run["rep"] = rep
                     run["loadavg_1m"] = os.getloadavg()[0]
@@ -441,16 +487,17 @@ def main(argv: list[str] | None = None) -> int:
                 "ratio_median": median(ratios),
                 "ratios": ratios,
             }
-            for kind in ("pg1", "pg2", "bare", "reference"):
+            extra_kinds = [k for k in kinds if k not in ("node", "storescp")]
+            for kind in extra_kinds:
                 pg_rates = [r["instances_per_s"] for r in result["runs"] if r["receiver"] == kind and r["associations"] == assocs]
                 if pg_rates:
                     summary[str(assocs)][f"{kind}_median_per_s"] = median(pg_rates)
-            for kind in ("bare", "reference"):
+            for kind in extra_kinds:
                 if f"{kind}_median_per_s" in summary[str(assocs)]:
                     other = [r["instances_per_s"] for r in result["runs"] if r["receiver"] == kind and r["associations"] == assocs]
-                    summary[str(assocs)][f"{kind}_ratio_median"] = median(
-                        [b / s for b, s in zip(other, rates["storescp"], strict=True)]
-                    )
+                    kind_ratios = [b / s for b, s in zip(other, rates["storescp"], strict=True)]
+                    summary[str(assocs)][f"{kind}_ratio_median"] = median(kind_ratios)
+                    summary[str(assocs)][f"{kind}_ratios"] = kind_ratios
         result["summary"] = summary
         if not args.no_latency:
             lat_files = files[: args.latency_count]
@@ -479,12 +526,17 @@ def main(argv: list[str] | None = None) -> int:
         for kind, label in (("pg1", "1 node process"), ("pg2", "2 node processes")):
             if f"{kind}_median_per_s" in s:
                 print(f"{assocs:>6} PostgreSQL, {label}: {s[f'{kind}_median_per_s']:.1f} inst/s "
-                      f"(ratio to storescp {s[f'{kind}_median_per_s'] / s['storescp_median_per_s']:.2f})")
+                      f"(ratio to storescp {s[f'{kind}_ratio_median']:.2f})")
     for assocs, s in result["summary"].items():
-        if "bare_median_per_s" in s:
-            print(f"{assocs:>6} pynetdicom ceiling (bare AE, success at once): {s['bare_median_per_s']:.1f} inst/s, "
-                  f"ratio to storescp {s['bare_ratio_median']:.2f}; node/bare "
-                  f"{s['node_median_per_s'] / s['bare_median_per_s']:.2f}")
+        for kind, label in (
+            ("bare-pynetdicom", "pynetdicom AE answering success at once"),
+            ("bare-acceptor", "listener.acceptor answering success at once"),
+            *((f"node{k}", f"node, listener.receiver_processes {k}") for k in receiver_variants),
+        ):
+            if f"{kind}_median_per_s" in s:
+                print(f"{assocs:>6} {label}: {s[f'{kind}_median_per_s']:.1f} inst/s, "
+                      f"ratio to storescp {s[f'{kind}_ratio_median']:.2f} (per rep: "
+                      f"{', '.join(f'{r:.2f}' for r in s[f'{kind}_ratios'])})")
         if "reference_median_per_s" in s:
             print(f"{assocs:>6} reference node ({args.reference_repo}): {s['reference_median_per_s']:.1f} inst/s, "
                   f"ratio to storescp {s['reference_ratio_median']:.2f}")

@@ -74,8 +74,8 @@ class ListenerConfig(_Strict):
     max_pdu_bytes: int = Field(65536, ge=0)  # 0: no limit
     max_pixels: int = Field(512 * 1024 * 1024, gt=0)  # Rows x Columns x Frames refused above this
     shutdown_grace_seconds: float = Field(20, ge=0)  # SIGTERM: wait this long for open associations
-    # idle sleep of an association's network thread between socket polls (pynetdicom: 1 ms)
-    poll_interval_seconds: float = Field(0.001, ge=0.00005, le=0.1)
+    # child processes that receive (listener.receivers); 0: receive in the node process itself
+    receiver_processes: int = Field(1, ge=0, le=64)
     tls: TLSConfig = TLSConfig()
 
     _ae = field_validator("ae_title")(_check_ae_title)
@@ -104,6 +104,8 @@ class DetectorConfig(_Strict):
     batch_wait_ms: float = Field(50, ge=0, le=10000)
     workers: int = Field(1, ge=1, le=64)
     torch_threads: int = Field(0, ge=0)  # 0: let torch decide
+    # niceness of the node process's scoring (and scheduling) threads: receivers go first
+    nice: int = Field(10, ge=0, le=19)
     precision: Literal["fp32", "bf16", "int8-dynamic"] = "fp32"  # see docs/performance.md before changing
 
 

@@ -2,8 +2,9 @@
 
 Start order (each step needs the previous one):
 logging -> database schema -> spool -> reconcile spool and database -> requeue
-work left in progress by a crash -> detector bundle -> listener port -> workers ->
-scheduler -> systemd READY=1.
+work left in progress by a crash -> listener port (receiver processes,
+``listener.receivers``) -> lower this process's priority -> detector bundle ->
+workers -> scheduler -> systemd READY=1.
 
 Stop order (SIGTERM / SIGINT): STOPPING=1 -> the listener stops accepting
 associations and lets open ones finish their stores (up to
@@ -15,6 +16,7 @@ in the database and resumes at the next start.
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import threading
 from datetime import timedelta
@@ -28,6 +30,7 @@ from listener.dispatch import Dispatcher
 from listener.logging_setup import configure as configure_logging
 from listener.pipeline import Pipeline
 from listener.scheduler import MAX_ANALYSIS_ATTEMPTS, Jobs, NodeScheduler
+from listener.receivers import ReceiverPool
 from listener.scp import StorageSCP
 from storage.database import Database
 from storage.repository import Repository
@@ -51,6 +54,20 @@ def load_detector(cfg: NodeConfig) -> Any:
     )
 
 
+def lower_priority(nice: int) -> None:
+    """Raise this thread's niceness to ``nice``; threads it starts later inherit it (Linux
+    sets priority per thread), which is how the workers, torch's thread pool and the
+    scheduler run behind the receivers while the receivers keep theirs."""
+    if nice <= 0:
+        return
+    try:
+        current = os.getpriority(os.PRIO_PROCESS, 0)
+        if nice > current:
+            os.setpriority(os.PRIO_PROCESS, 0, nice)
+    except OSError as exc:  # never fatal: only the ordering under load changes
+        logger.warning("cannot lower the scoring priority", extra={"nice": nice, "error": str(exc)})
+
+
 class Node:
     def __init__(self, config: NodeConfig, *, detector: Any = None, configure_logs: bool = True) -> None:
         self.cfg = config
@@ -62,7 +79,8 @@ class Node:
         self.db: Database | None = None
         self.repo: Repository | None = None
         self.spool: Spool | None = None
-        self.scp: StorageSCP | None = None
+        self.scp: StorageSCP | None = None  # the listener, when it runs in this process
+        self.receivers: ReceiverPool | None = None  # or the receiver processes
         self.pipeline: Pipeline | None = None
         self.scheduler: NodeScheduler | None = None
 
@@ -95,19 +113,35 @@ class Node:
         # nothing else of THIS node runs yet: everything of its own in analysing / sending was cut
         # short by a stop or crash (other nodes' rows are left alone: node_id scopes the requeue)
         self.repo.requeue_in_progress(None, max_attempts=MAX_ANALYSIS_ATTEMPTS)
+        # Receivers first: they are started before the detector loads (so a spawn copies no
+        # model) and before this process lowers its priority (children inherit niceness).
+        if cfg.listener.receiver_processes:
+            self.receivers = ReceiverPool(cfg, cfg.listener.receiver_processes, on_stored=self._stored)
+            self.receivers.start()
+        else:
+            self.scp = StorageSCP(cfg, self.spool, self.repo, on_stored=self._stored)
+            self.scp.start()
+        lower_priority(cfg.detector.nice)
         if self._detector is None:
             self._detector = load_detector(cfg)
         self.pipeline = Pipeline(self.repo, self._detector, self.spool, cfg)
-        self.scp = StorageSCP(cfg, self.spool, self.repo, on_stored=self._stored)
-        self.scp.start()
         self.pipeline.start()
         dispatcher = Dispatcher(cfg.dispatch, calling_ae=cfg.listener.ae_title)
         self.scheduler = NodeScheduler(Jobs(cfg, self.repo, self.spool, dispatcher))
         self.scheduler.start()
         self._started = True
-        host, port = self.scp.address
+        host, port = self.address
         logger.info("node ready", extra={"ae_title": cfg.listener.ae_title, "host": host, "port": port})
         self._notify(f"READY=1\nSTATUS=listening on {host}:{port} as {cfg.listener.ae_title}")
+
+    @property
+    def address(self) -> tuple[str, int]:
+        """Where the node listens (host, port)."""
+        if self.receivers is not None:
+            return self.receivers.address
+        if self.scp is not None:
+            return self.scp.address
+        raise RuntimeError("the node is not running")
 
     def _stored(self) -> None:
         """An instance to analyse was stored: wake the workers, start the series' idle timer."""
@@ -120,6 +154,8 @@ class Node:
     def stop(self) -> None:
         self._notify("STOPPING=1")
         logger.info("node stopping")
+        if self.receivers is not None:
+            self.receivers.stop()
         if self.scp is not None:
             self.scp.stop()
         if self.pipeline is not None:

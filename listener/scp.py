@@ -1,7 +1,9 @@
 """The node's DICOM listener: C-ECHO and C-STORE for every storage SOP class.
 
-Durable acknowledgement: the C-STORE handler runs in the association's thread and
-returns its status only after
+The network side is ``listener.acceptor`` (one thread per association); this module
+holds what the node does with a C-STORE, the calling-AE policy and the listener's life
+cycle. Durable acknowledgement: the C-STORE handler runs in the association's thread
+and returns its status only after
 
 1. the encoded bytes exactly as received (plus a File Meta header) are in the spool:
    temporary name, fsync, atomic rename, folder fsync (``storage.spool.Spool.store``);
@@ -12,7 +14,7 @@ returns its status only after
    durable, and a failed batch commit fails every handler in it (0xA700 when the
    database is unavailable; its spool file is removed as for a single store).
 
-pynetdicom sends the C-STORE response only when the handler returns, so a crash at
+The acceptor sends the C-STORE response only when the handler returns, so a crash at
 any point before step 2 completes leaves the sender without a success status (it
 will send again) and at worst an orphan spool file that start-up reconciliation
 adopts or quarantines. The dataset is never decoded here: only a few header
@@ -34,32 +36,42 @@ import logging
 import socket
 import ssl
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import fields
 from typing import Any, Protocol
 
-from pydicom.dataset import Dataset
+from pydicom.dataset import FileMetaDataset
 from pynetdicom import (
-    AE,
     ALL_TRANSFER_SYNTAXES,
-    evt,
+    PYNETDICOM_IMPLEMENTATION_UID,
+    PYNETDICOM_IMPLEMENTATION_VERSION,
 )
+from pynetdicom.dsutils import encode_file_meta
 from pynetdicom.presentation import (
     AllStoragePresentationContexts,
+    PresentationContext,
     StoragePresentationContexts,
+    build_context,
 )
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
-from pynetdicom.transport import ThreadedAssociationServer
 
+from listener.acceptor import (
+    AcceptorCallbacks,
+    AcceptorSettings,
+    AssociationAcceptor,
+    Status,
+    StoreRequest,
+    listening_socket,
+)
 from listener.classify import Classification, classify
 from listener.config import ListenerConfig, NodeConfig, ReportConfig
 from listener.dimse import (
-    STATUS_CANNOT_UNDERSTAND,
     STATUS_OUT_OF_RESOURCES,
     STATUS_PROCESSING_FAILURE,
     STATUS_SOP_CLASS_MISMATCH,
     STATUS_SUCCESS,
     STATUS_UID_MISMATCH,
+    Command,
 )
 from listener.header import InvalidObjectError, file_meta_bytes, parse_header, valid_uid
 from storage.batching import GroupCommit
@@ -67,18 +79,28 @@ from storage.errors import DatabaseUnavailableError, SpoolError, SpoolFullError
 from storage.repository import ReceivedObject, ReceiveResult
 
 logger = logging.getLogger(__name__)
-def encoded_with_meta(event: evt.Event) -> bytes:
-    """The C-STORE data set as received, behind a File Meta header (as ``event.encoded_dataset()``).
+
+
+def encoded_with_meta(request: StoreRequest) -> bytes:
+    """The C-STORE data set as received, behind a File Meta header.
 
     The header is built directly when the request's UIDs are clean UIDs; anything else
-    (padding, odd characters from a faulty peer) goes through pynetdicom as before.
+    (padding, odd characters from a faulty peer) goes through pydicom's writer, as
+    pynetdicom's ``Event.encoded_dataset`` does.
     """
-    request = event.request
-    uids = (str(request.AffectedSOPClassUID or ""), str(request.AffectedSOPInstanceUID or ""),
-            str(event.context.transfer_syntax or ""))
+    command = request.command
+    uids = (command.affected_sop_class_uid or "", command.affected_sop_instance_uid or "",
+            request.transfer_syntax_uid)
     if all(valid_uid(u) == u for u in uids):
-        return file_meta_bytes(*uids) + event.encoded_dataset(include_meta=False)
-    return event.encoded_dataset(include_meta=True)
+        return file_meta_bytes(*uids) + request.data_set
+    meta = FileMetaDataset()
+    meta.FileMetaInformationVersion = b"\x00\x01"
+    meta.MediaStorageSOPClassUID = uids[0]
+    meta.MediaStorageSOPInstanceUID = uids[1]
+    meta.TransferSyntaxUID = uids[2]
+    meta.ImplementationClassUID = PYNETDICOM_IMPLEMENTATION_UID
+    meta.ImplementationVersionName = PYNETDICOM_IMPLEMENTATION_VERSION
+    return b"\x00" * 128 + b"DICM" + encode_file_meta(meta) + request.data_set
 
 
 # --------------------------------------------------------------------------- storage seam
@@ -109,13 +131,9 @@ def _receive_committer(repo: RepositoryLike) -> Callable[[ReceivedObject], Recei
     return lambda obj: repo.record_received(**{f.name: getattr(obj, f.name) for f in fields(ReceivedObject)})
 
 
-def _status(code: int, comment: str) -> Dataset:
-    """A status dataset with an Error Comment (LO: at most 64 characters) for the sender's log."""
-    rsp = Dataset()
-    rsp.Status = code
-    if code != STATUS_SUCCESS and comment:
-        rsp.ErrorComment = comment.replace("\\", "/")[:64]
-    return rsp
+def _status(code: int, comment: str) -> Status:
+    """A status with an Error Comment (LO: at most 64 characters) for the sender's log."""
+    return Status(code, comment.replace("\\", "/")[:64] if code != STATUS_SUCCESS else "")
 
 
 class StoreHandler:
@@ -138,25 +156,21 @@ class StoreHandler:
         # concurrent associations share one database commit (storage.batching.GroupCommit)
         self._record = _receive_committer(repo)
 
-    def __call__(self, event: evt.Event) -> Dataset:
-        calling_ae = str(event.assoc.requestor.ae_title or "").strip()
-        peer = f"{event.assoc.requestor.address}:{event.assoc.requestor.port}"
+    def __call__(self, request: StoreRequest) -> Status:
+        calling_ae = request.peer.calling_ae
+        peer = request.peer.endpoint
         try:
-            data = encoded_with_meta(event)
-        except Exception as exc:  # pragma: no cover - pynetdicom hands us a request without a data set
-            logger.error("C-STORE without a data set", extra={"calling_ae": calling_ae, "error": str(exc)})
-            return _status(STATUS_CANNOT_UNDERSTAND, "no data set")
-        try:
-            return self._store(event, data, calling_ae, peer)
+            data = encoded_with_meta(request)
+            return self._store(request, data, calling_ae, peer)
         except Exception as exc:  # a bug must cost one store, never the association thread
             logger.exception("C-STORE handler failed", extra={"calling_ae": calling_ae, "peer": peer})
             return _status(STATUS_PROCESSING_FAILURE, f"processing failure: {type(exc).__name__}")
 
-    def _store(self, event: evt.Event, data: bytes, calling_ae: str, peer: str) -> Dataset:
+    def _store(self, request: StoreRequest, data: bytes, calling_ae: str, peer: str) -> Status:
         try:
             header = parse_header(data, max_pixels=self._max_pixels)
-            command_sop_instance = valid_uid(event.request.AffectedSOPInstanceUID)
-            command_sop_class = valid_uid(event.request.AffectedSOPClassUID)
+            command_sop_instance = valid_uid(request.command.affected_sop_instance_uid)
+            command_sop_class = valid_uid(request.command.affected_sop_class_uid)
             if command_sop_class and command_sop_class != header.sop_class_uid:
                 raise InvalidObjectError(
                     STATUS_SOP_CLASS_MISMATCH,
@@ -251,9 +265,9 @@ class StoreHandler:
 class AssociationPolicy:
     """Calling-AE allow-list with optional host binding, checked when the request arrives.
 
-    Runs as an EVT_REQUESTED handler: pynetdicom lets it send the A-ASSOCIATE-RJ
-    itself, with "calling AE title not recognised" (permanent, service user, 3) for
-    an unknown title and for a known title from the wrong address.
+    The acceptor asks ``permits`` and answers a refusal with A-ASSOCIATE-RJ "calling AE
+    title not recognised" (permanent, service user, 3), for an unknown title and for a
+    known title from the wrong address.
     """
 
     def __init__(self, cfg: ListenerConfig, resolve: Callable[[str], set[str]] | None = None) -> None:
@@ -275,21 +289,6 @@ class AssociationPolicy:
             return False
         hosts = self._allowed[title]
         return hosts is None or _normalise_address(address) in hosts
-
-    def __call__(self, event: evt.Event) -> None:
-        assoc = event.assoc
-        calling = str(assoc.requestor.primitive.calling_ae_title or "").strip()
-        address = str(assoc.requestor.address)
-        try:
-            allowed = self.permits(calling, address)
-        except Exception:  # an error here must not let the association through
-            logger.exception("association policy failed", extra={"calling_ae": calling, "peer": address})
-            allowed = False
-        if allowed:
-            return
-        logger.warning("association rejected: calling AE not recognised", extra={"calling_ae": calling, "peer": address})
-        assoc.acse.send_reject(0x01, 0x01, 0x03)
-        assoc.kill()
 
 
 def _normalise_address(address: str) -> str:
@@ -340,94 +339,80 @@ def _server_ssl_context(cfg: ListenerConfig) -> ssl.SSLContext | None:
     return context
 
 
-def set_poll_interval(assoc: Any, seconds: float) -> None:
-    """Set how long the association's DUL thread sleeps between socket polls when idle.
-
-    pynetdicom 3.0 has no public setting for it: ``DULServiceProvider._run_loop_delay``
-    (1 ms) is a private attribute, read on every loop. A store's request waits for up
-    to one such sleep before it is read, and its response for up to another before it
-    is sent, so at 1 ms it bounds one association to a few hundred stores per second.
-    Guarded, so that a pynetdicom without the attribute keeps its own default.
-    """
-    dul = getattr(assoc, "dul", None)
-    if dul is not None and hasattr(dul, "_run_loop_delay"):
-        dul._run_loop_delay = seconds
+def supported_contexts() -> list[PresentationContext]:
+    """Verification and every storage SOP class, each with every transfer syntax pynetdicom knows."""
+    return [
+        build_context(uid, ALL_TRANSFER_SYNTAXES) for uid in (str(Verification), *storage_sop_classes())
+    ]
 
 
-def association_tuning(cfg: ListenerConfig) -> tuple[Any, Callable[[evt.Event], None]]:
-    """The (event, handler) pair that applies ``cfg.poll_interval_seconds`` to every new association."""
-
-    def on_open(event: evt.Event) -> None:
-        set_poll_interval(event.assoc, cfg.poll_interval_seconds)
-
-    return evt.EVT_CONN_OPEN, on_open
-
-
-def build_ae(cfg: ListenerConfig) -> AE:
-    ae = AE(ae_title=cfg.ae_title)
-    ae.add_supported_context(Verification, ALL_TRANSFER_SYNTAXES)
-    for uid in storage_sop_classes():
-        ae.add_supported_context(uid, ALL_TRANSFER_SYNTAXES)
-    # pynetdicom's own check stays as a second line behind AssociationPolicy
-    if cfg.require_known_calling_ae and cfg.calling_aes:
-        ae.require_calling_aet = sorted({c.ae_title for c in cfg.calling_aes})
-    ae.require_called_aet = cfg.require_called_ae_title
-    ae.maximum_associations = cfg.max_associations
-    ae.acse_timeout = cfg.acse_timeout_seconds
-    ae.dimse_timeout = cfg.dimse_timeout_seconds
-    ae.network_timeout = cfg.network_timeout_seconds
-    ae.maximum_pdu_size = cfg.max_pdu_bytes
-    return ae
+def acceptor_settings(cfg: ListenerConfig) -> AcceptorSettings:
+    return AcceptorSettings(
+        ae_title=cfg.ae_title,
+        require_called_ae_title=cfg.require_called_ae_title,
+        max_associations=cfg.max_associations,
+        acse_timeout=cfg.acse_timeout_seconds,
+        dimse_timeout=cfg.dimse_timeout_seconds,
+        network_timeout=cfg.network_timeout_seconds,
+        max_pdu_bytes=cfg.max_pdu_bytes,
+    )
 
 
 class StorageSCP:
-    """The listening AE: ``start()`` returns once the port is bound; ``stop()`` drains."""
+    """The listening AE: ``start()`` returns once the port is bound; ``stop()`` drains.
+
+    Several processes may serve one port: each gets a StorageSCP and ``start`` with the
+    same inherited listening socket (``listener.receivers``).
+    """
 
     def __init__(
-        self, cfg: NodeConfig, spool: SpoolLike, repo: RepositoryLike, *, on_stored: Callable[[], None] | None = None
+        self,
+        cfg: NodeConfig,
+        spool: SpoolLike,
+        repo: RepositoryLike,
+        *,
+        on_stored: Callable[[], None] | None = None,
     ) -> None:
         self._cfg = cfg.listener
         self._policy = AssociationPolicy(cfg.listener)
         self._handler = StoreHandler(
             spool, repo, max_pixels=cfg.listener.max_pixels, report_cfg=cfg.report, on_stored=on_stored
         )
-        self._ae = build_ae(cfg.listener)
-        self._server: ThreadedAssociationServer | None = None
+        self._acceptor: AssociationAcceptor | None = None
         self._lock = threading.Lock()
 
     @property
     def address(self) -> tuple[str, int]:
-        if self._server is None:
+        if self._acceptor is None:
             raise RuntimeError("the listener is not running")
-        host, port = self._server.server_address[:2]
-        return str(host), int(port)
+        return self._acceptor.address
 
-    def start(self, extra_handlers: Sequence[tuple[Any, Callable[..., Any]]] = ()) -> None:
-        """Bind and serve in pynetdicom's threads; ``extra_handlers`` are (event, handler) pairs
-        bound as well (notification events: observers, e.g. in tests)."""
+    def start(
+        self,
+        on_response: Callable[[Command, Status], None] | None = None,
+        listening: socket.socket | None = None,
+    ) -> None:
+        """Bind (or take ``listening``, already bound) and serve; ``on_response`` observes
+        every response just before it is sent (e.g. in tests)."""
         with self._lock:
-            if self._server is not None:
+            if self._acceptor is not None:
                 return
-            handlers = [
-                (evt.EVT_REQUESTED, self._policy),
-                (evt.EVT_C_ECHO, _handle_echo),
-                (evt.EVT_C_STORE, self._handler),
-                association_tuning(self._cfg),
-                *extra_handlers,
-            ]
-            self._server = self._ae.start_server(
-                (self._cfg.host, self._cfg.port),
-                block=False,
-                evt_handlers=handlers,
+            acceptor = AssociationAcceptor(
+                acceptor_settings(self._cfg),
+                supported_contexts(),
+                AcceptorCallbacks(self._policy.permits, self._handler, on_response),
                 ssl_context=_server_ssl_context(self._cfg),
             )
+            acceptor.start(listening or listening_socket(self._cfg.host, self._cfg.port))
+            self._acceptor = acceptor
         logger.info(
             "listening",
             extra={"ae_title": self._cfg.ae_title, "host": self._cfg.host, "port": self.address[1]},
         )
 
     def active_associations(self) -> int:
-        return len([a for a in self._ae.active_associations if a.is_acceptor])
+        acceptor = self._acceptor
+        return acceptor.active_associations() if acceptor is not None else 0
 
     def stop(self, grace_seconds: float | None = None) -> None:
         """Stop accepting associations, let open ones finish (up to the grace period), then abort the rest.
@@ -438,21 +423,8 @@ class StorageSCP:
         """
         grace = self._cfg.shutdown_grace_seconds if grace_seconds is None else grace_seconds
         with self._lock:
-            server, self._server = self._server, None
-        if server is None:
+            acceptor, self._acceptor = self._acceptor, None
+        if acceptor is None:
             return
-        server.shutdown()  # closes the listening socket: no new association from here
-        deadline = threading.Event()
-        waited = 0.0
-        while self.active_associations() and waited < grace:
-            deadline.wait(0.1)
-            waited += 0.1
-        remaining = [a for a in self._ae.active_associations if a.is_acceptor]
-        for assoc in remaining:
-            logger.warning("aborting association at shutdown", extra={"calling_ae": assoc.requestor.ae_title})
-            assoc.abort()
-        logger.info("listener stopped", extra={"aborted": len(remaining)})
-
-
-def _handle_echo(event: evt.Event) -> int:
-    return STATUS_SUCCESS
+        aborted = acceptor.stop(grace)
+        logger.info("listener stopped", extra={"aborted": aborted})

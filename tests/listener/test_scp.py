@@ -15,10 +15,16 @@ from typing import Any
 import pydicom
 import pytest
 from pydicom.data import get_testdata_file
-from pynetdicom import evt
 
+from listener.acceptor import Status
 from listener.config import NodeConfig, parse_config
-from listener.dimse import STATUS_BAD_UID, STATUS_CANNOT_UNDERSTAND, STATUS_TOO_LARGE
+from listener.dimse import (
+    C_STORE_RQ,
+    STATUS_BAD_UID,
+    STATUS_CANNOT_UNDERSTAND,
+    STATUS_TOO_LARGE,
+    Command,
+)
 from listener.header import InvalidObjectError, parse_header, valid_uid
 from listener.scp import StorageSCP
 from storage.database import Database
@@ -75,7 +81,7 @@ class Node:
         return sorted(self.spool.root / p for p in self.spool.iter_files())
 
 
-def _start(tmp_path: Path, *, repo_wrapper=None, min_free_bytes: int = 0, extra_handlers=(), **listener: Any) -> Node:
+def _start(tmp_path: Path, *, repo_wrapper=None, min_free_bytes: int = 0, on_response=None, **listener: Any) -> Node:
     port = free_port()
     db_path = tmp_path / "dski.sqlite3"
     db = Database(f"sqlite:///{db_path}")
@@ -83,7 +89,7 @@ def _start(tmp_path: Path, *, repo_wrapper=None, min_free_bytes: int = 0, extra_
     repo = Repository(db)
     spool = Spool(tmp_path / "spool", min_free_bytes)
     scp = StorageSCP(_config(port, **listener), spool, repo_wrapper(repo) if repo_wrapper else repo)
-    scp.start(extra_handlers=extra_handlers)
+    scp.start(on_response=on_response)
     return Node(port, scp, spool, repo, db_path)
 
 
@@ -139,13 +145,13 @@ def test_store_ct_keeps_sent_dataset_and_commits_row_before_response(tmp_path: P
     lock = threading.Lock()
     holder: dict[str, Node] = {}
 
-    def on_dimse_sent(event: evt.Event) -> None:
-        # EVT_DIMSE_SENT fires before the response's PDUs are handed to the socket
-        if type(event.message).__name__ == "C_STORE_RSP":
+    def on_response(command: Command, status: Status) -> None:
+        # called by the acceptor just before the response is handed to the socket
+        if command.command_field == C_STORE_RQ:
             with lock:
                 seen_at_response.append([r["sop_instance_uid"] for r in holder["node"].rows()])
 
-    n = _start(tmp_path, extra_handlers=[(evt.EVT_DIMSE_SENT, on_dimse_sent)])
+    n = _start(tmp_path, on_response=on_response)
     holder["node"] = n
     try:
         source = _testfile("CT_small.dcm")
