@@ -24,8 +24,9 @@ fewer than ``--backlog`` instances wait to be scored, so receiving, scoring and 
 building run side by side as they do with a steady modality, and the backlog stays in the
 database rather than in the test's timing.
 
-Sampled every ``--sample-every`` seconds from ``/proc/PID/status`` of the node process:
-``VmRSS`` (resident set now) and ``VmHWM`` (its peak so far), with the number of instances
+Sampled every ``--sample-every`` seconds from ``/proc/PID/status`` of the node process and
+its receiver processes (``listener.receiver_processes``), summed: ``VmRSS`` (resident set
+now) and ``VmHWM`` (peak so far, an upper bound when summed), with the number of instances
 done (analysed + failed, from the node's database). Reported:
 
 - **RSS at 1000** (``--at``) and **at 3000**: the first sample at which that many instances
@@ -52,7 +53,7 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-from benchmarks.common import machine_facts, make_ct_instances, write_json
+from benchmarks.common import descendants, machine_facts, make_ct_instances, write_json
 
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT_BUNDLE = REPO / "bundles" / "default"
@@ -112,14 +113,27 @@ def build_vit_b16_bundle(root: Path, *, seed: int = 0, bank_size: int = 1000) ->
 # --------------------------------------------------------------------------- sampling
 
 
-def proc_status(pid: int) -> dict[str, int]:
-    """VmRSS and VmHWM of a process in bytes (``/proc/PID/status`` gives kB)."""
+def _one_status(pid: int) -> dict[str, int]:
     out: dict[str, int] = {}
     with open(f"/proc/{pid}/status") as fh:
         for line in fh:
             key, _, value = line.partition(":")
             if key in ("VmRSS", "VmHWM"):
                 out[key] = int(value.split()[0]) * 1024
+    return out
+
+
+def proc_status(pid: int) -> dict[str, int]:
+    """VmRSS and VmHWM in bytes (``/proc/PID/status`` gives kB) of the node process and its
+    receiver processes, summed: pages they share count once per process, and the peaks
+    of different processes are added as if they coincided, so both are upper bounds."""
+    out = {"VmRSS": 0, "VmHWM": 0}
+    for member in [pid, *descendants(pid)]:
+        try:
+            for key, value in _one_status(member).items():
+                out[key] += value
+        except OSError:  # it exited meanwhile
+            pass
     return out
 
 

@@ -201,7 +201,12 @@ class _Association:
             self._conn = self._acceptor.ssl_context.wrap_socket(self._conn, server_side=True)
         stream = self._conn.makefile("rb", buffering=_READ_BUFFER)
         try:
-            first = ul.read_pdu(stream, ul.MAX_ASSOCIATE_RQ_BYTES)
+            try:
+                first = ul.read_pdu(stream, ul.MAX_ASSOCIATE_RQ_BYTES)
+            except TimeoutError:
+                # ARTIM expired before any request: close the transport, no A-ABORT (PS3.8 9.2, AA-2)
+                logger.warning("connection closed: no association request", extra=self._fields())
+                raise _Aborted from None
             if first.type != ul.A_ASSOCIATE_RQ:
                 raise ul.ProtocolError(ul.ABORT_UNEXPECTED_PDU, f"PDU type 0x{first.type:02X} before A-ASSOCIATE-RQ")
             contexts, peer_max_pdu = self._negotiate(first)

@@ -29,8 +29,8 @@ from listener.config import NodeConfig
 from listener.dispatch import Dispatcher
 from listener.logging_setup import configure as configure_logging
 from listener.pipeline import Pipeline
-from listener.scheduler import MAX_ANALYSIS_ATTEMPTS, Jobs, NodeScheduler
 from listener.receivers import ReceiverPool
+from listener.scheduler import MAX_ANALYSIS_ATTEMPTS, Jobs, NodeScheduler
 from listener.scp import StorageSCP
 from storage.database import Database
 from storage.repository import Repository

@@ -35,6 +35,7 @@ from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.dsutils import encode
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
+from benchmarks.common import descendants
 from listener.config import NodeConfig, parse_config
 from listener.dimse import (
     STATUS_BAD_UID,
@@ -91,6 +92,18 @@ def rss_kib(pid: int | str = "self") -> int:
             if line.startswith("VmRSS:"):
                 return int(line.split()[1])
     raise RuntimeError(f"no VmRSS for {pid}")
+
+
+def tree_rss_kib(pid: int) -> int:
+    """VmRSS of a process and all its descendants (a node with its receiver processes);
+    pages shared between them count once per process, so this is an upper bound."""
+    total = 0
+    for member in [pid, *descendants(pid)]:
+        try:
+            total += rss_kib(member)
+        except (OSError, RuntimeError):  # it exited meanwhile
+            pass
+    return total
 
 
 # --------------------------------------------------------------------------- the listener
@@ -408,8 +421,8 @@ def write_file(ds: Dataset, path: Path) -> Path:
 
 def write_raw_file(meta_ds: Dataset, payload: bytes, path: Path, transfer_syntax: str = ExplicitVRLittleEndian) -> Path:
     """Preamble + a valid file meta for ``meta_ds`` + ``payload`` as the data set, byte for byte."""
-    from pydicom.filewriter import write_file_meta_info
     from pydicom.filebase import DicomBytesIO
+    from pydicom.filewriter import write_file_meta_info
 
     meta = FileMetaDataset()
     meta.MediaStorageSOPClassUID = meta_ds.SOPClassUID
@@ -751,7 +764,8 @@ class ServeProcess:
         return self.proc is not None and self.proc.poll() is None
 
     def rss_kib(self) -> int:
-        return rss_kib(self.proc.pid)
+        """The node and its receiver processes together."""
+        return tree_rss_kib(self.proc.pid)
 
     def log_tail(self, lines: int = 30) -> str:
         try:
