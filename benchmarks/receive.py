@@ -1,6 +1,7 @@
 """Receive throughput of the node against dcmtk storescp, and C-STORE latency under scoring load.
 
     python -m benchmarks.receive [--count 1000] [--reps 3] [--assocs 1,8] [--postgres]
+        [--receivers 0,2] [--bare-acceptor] [--bare-pynetdicom] [--reference-repo DIR]
         [--latency-count 300] [--scorer-threads 2] [--no-latency] [--out benchmarks/out/receive.json]
 
 Throughput: ``--count`` CT instances of about 40 kB (pydicom's CT_small.dcm with new
@@ -8,40 +9,45 @@ UIDs, written to a temporary folder) are sent by dcmtk ``storescu`` (``TCP_NODEL
 over 1 association, and split over 8 concurrent associations (8 storescu processes),
 into
 
-- (a) **node**: the node's receive path in its own process (``--serve-node``, below):
-  ``listener.scp.StorageSCP`` with the real ``storage.spool.Spool`` (temp name, fsync,
-  atomic rename, directory fsync) and the real ``Repository`` on SQLite (WAL,
-  ``synchronous=FULL``, one committed row before each success status), INFO logging to a
-  file as in production. The detector and workers are not started: this is the receive
-  path alone (``detector.workers`` cannot be 0 in ``dski serve``).
+- (a) **node**: the node's receive path laid out as ``dski serve`` lays it out
+  (``--serve-node``, below): a node process that binds the port and starts
+  ``listener.receiver_processes`` receiver processes (``listener.receivers``; 1 as
+  shipped, other values with ``--receivers``, 0 = the listener inside the node process),
+  each running ``listener.scp.StorageSCP`` on ``listener.acceptor`` with the real
+  ``storage.spool.Spool`` (temp name, fsync, atomic rename, directory fsync) and the real
+  ``Repository`` on SQLite (WAL, ``synchronous=FULL``, one committed row before each
+  success status), INFO logging as in production. The detector and workers are not
+  started: this is the receive path alone.
 - (b) **storescp**: ``storescp --fork +B -od DIR`` (a process per association, bit-preserving
   write of the received stream, i.e. no decode/re-encode, as the node does). storescp does
   not fsync: the reference is faster than any durable receiver can be on a slow disk.
   ``TCP_NODELAY=1`` is set for storescp as for storescu (dcmtk reads it on both ends).
+- ceilings, on request: ``--bare-acceptor`` the node's ``listener.acceptor`` answering
+  success at once without touching the data (what the network side alone costs);
+  ``--bare-pynetdicom`` a pynetdicom AE with the node's contexts doing the same (what the
+  node was built on before ``listener.acceptor``).
+- ``--reference-repo DIR``: the node of another checkout, in the same repetitions.
 
 With ``--postgres`` the same runs go, in addition, into 1 and 2 node processes sharing one
 fresh database on a throwaway PostgreSQL cluster (``tests.pgserver``, fsync on), the
 associations dealt round-robin to the processes as a TCP load balancer would ("pg1",
 "pg2"; "pg2" only with several associations).
 
-Each repetition runs node and storescp back to back, alternating which goes first, with
-fresh output folders, so that a busy machine hits both alike. Printed: instances/s of each
-run, the median, and the ratio node/storescp per association count (median of the
+Each repetition runs every receiver once per association count, alternating the order,
+with fresh output folders, so that a busy machine hits all alike. Printed: instances/s of
+each run, the median, and the ratio to storescp per association count (median of the
 per-repetition ratios).
 
 Latency: a pynetdicom SCU in this process sends ``--latency-count`` instances one at a
 time over one association and times each C-STORE request until its response (so the
-figure includes ~1 ms of pynetdicom client encoding; the client socket gets TCP_NODELAY,
-as dcmtk does with ``TCP_NODELAY=1``). Measured against the node process
-idle, then against the node process while ``--scorer-threads`` threads inside that same
-process emulate a CPU-saturating scorer: each loops over decode a CT (pydicom, holds the
-GIL) -> numpy percentile window -> torch matmuls on every core (releases the GIL), which
-is the shape of the real worker's prepare + forward. Printed: p50/p99/max in ms.
-
-TODO(latency with the real scorer): the load above is a synthetic stand-in. The real
-measurement is ``dski serve`` with the default bundle (ViT-B-16) and a backlog of a few
-thousand received instances, with latency taken while its workers run; it needs the
-trained bundle, which this script does not build.
+figure includes pynetdicom's own client overhead, about 1-3 ms; the client socket gets
+TCP_NODELAY, as dcmtk does with ``TCP_NODELAY=1``). Measured against the node idle, then
+while ``--scorer-threads`` threads in the node process emulate a CPU-saturating scorer:
+each loops over decode a CT (pydicom, holds the GIL) -> numpy percentile window -> torch
+matmuls on every core (releases the GIL), which is the shape of the real worker's
+prepare + forward. They run at ``detector.nice`` as the node's workers do. With
+``--receivers``, the same for those layouts (0: the listener shares the scorer's process
+and its GIL). Printed: p50/p99/max in ms.
 
 Machine facts (CPU count, load average before and after) go into the JSON result: on a
 shared machine, a high load average marks the run as contended.
@@ -345,13 +351,20 @@ def throughput_run(
 
 
 def latency_run(
-    root: Path, files: list[Path], scorer_threads: int, repo: Path = REPO, switch_interval: float | None = None
+    root: Path,
+    files: list[Path],
+    scorer_threads: int,
+    repo: Path = REPO,
+    switch_interval: float | None = None,
+    receivers: int | None = None,
 ) -> dict[str, Any]:
     import pydicom
     from pynetdicom import AE
 
     datasets = [pydicom.dcmread(f) for f in files]
-    receiver = NodeReceiver(root, scorer_threads=scorer_threads, repo=repo, switch_interval=switch_interval)
+    receiver = NodeReceiver(
+        root, scorer_threads=scorer_threads, repo=repo, switch_interval=switch_interval, receivers=receivers
+    )
     times: list[float] = []
     try:
         ae = AE(ae_title="STORESCU")
@@ -378,7 +391,8 @@ def latency_run(
     return {
         "scorer_threads": scorer_threads,
         "node": ("node" if repo == REPO else f"reference ({repo})")
-        + (f", switch interval {switch_interval * 1000:g} ms" if switch_interval is not None else ""),
+        + (f", switch interval {switch_interval * 1000:g} ms" if switch_interval is not None else "")
+        + (f", receiver_processes {receivers}" if receivers is not None else ""),
         "count": len(times),
         "p50_ms": percentile(times, 50),
         "p99_ms": percentile(times, 99),
@@ -510,6 +524,12 @@ def main(argv: list[str] | None = None) -> int:
                     latency_run(base / "latency-loaded-switch", lat_files, args.scorer_threads,
                                 switch_interval=args.switch_interval)
                 )
+            for k in receiver_variants:
+                if k != 1:
+                    result["latency"] += [
+                        latency_run(base / f"latency-idle-{k}", lat_files, 0, receivers=k),
+                        latency_run(base / f"latency-loaded-{k}", lat_files, args.scorer_threads, receivers=k),
+                    ]
             if args.reference_repo:
                 result["latency"] += [
                     latency_run(base / "latency-ref-idle", lat_files, 0, args.reference_repo),
