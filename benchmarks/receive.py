@@ -233,7 +233,11 @@ def serve_node(
             t = threading.Thread(target=_scorer_load, args=(stop, buf.getvalue(), counter), daemon=True)
             t.start()
             threads.append(t)
-        time.sleep(1.0)  # let the load ramp up before the client starts
+        # the first iteration imports torch and warms its kernels: the client starts once
+        # every scorer thread is past it, so the whole measurement runs under load
+        deadline = time.monotonic() + 120
+        while counter[0] < 2 * scorer_threads and time.monotonic() < deadline:
+            time.sleep(0.05)
     print("READY", flush=True)
     sys.stdin.read()  # the parent closes stdin to stop us
     stop.set()
@@ -359,31 +363,13 @@ def latency_run(
     receivers: int | None = None,
 ) -> dict[str, Any]:
     import pydicom
-    from pynetdicom import AE
 
     datasets = [pydicom.dcmread(f) for f in files]
     receiver = NodeReceiver(
         root, scorer_threads=scorer_threads, repo=repo, switch_interval=switch_interval, receivers=receivers
     )
-    times: list[float] = []
     try:
-        ae = AE(ae_title="STORESCU")
-        ae.add_requested_context(datasets[0].SOPClassUID, datasets[0].file_meta.TransferSyntaxUID)
-        assoc = ae.associate("127.0.0.1", receiver.port, ae_title=NODE_AET)
-        if not assoc.is_established:
-            raise RuntimeError("latency: association refused")
-        # as TCP_NODELAY=1 for dcmtk: pynetdicom writes the command and the data set as separate
-        # PDUs, and Nagle + delayed ACK would add ~40 ms to every store
-        assoc.dul.socket.socket.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        try:
-            for ds in datasets:
-                started = time.perf_counter()
-                status = assoc.send_c_store(ds)
-                times.append((time.perf_counter() - started) * 1000)
-                if status is None or status.Status != 0:
-                    raise RuntimeError(f"latency: store failed: {status}")
-        finally:
-            assoc.release()
+        times = _timed_stores(receiver.port, datasets)
     finally:
         stored = receiver.stop()
     if scorer_threads and not stored.get("scorer_iterations"):
@@ -402,6 +388,81 @@ def latency_run(
     }
 
 
+def _timed_stores(port: int, datasets: list[Any]) -> list[float]:
+    """Send each data set over one pynetdicom association, one at a time; ms per request."""
+    from pynetdicom import AE
+
+    ae = AE(ae_title="STORESCU")
+    ae.add_requested_context(datasets[0].SOPClassUID, datasets[0].file_meta.TransferSyntaxUID)
+    assoc = ae.associate("127.0.0.1", port, ae_title=NODE_AET)
+    if not assoc.is_established:
+        raise RuntimeError("latency: association refused")
+    assoc.dul.socket.socket.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    times: list[float] = []
+    try:
+        for ds in datasets:
+            started = time.perf_counter()
+            status = assoc.send_c_store(ds)
+            times.append((time.perf_counter() - started) * 1000)
+            if status is None or status.Status != 0:
+                raise RuntimeError(f"latency: store failed: {status}")
+    finally:
+        assoc.release()
+    return times
+
+
+def real_scorer_latency_run(
+    root: Path, backlog: list[Path], files: list[Path], bundle: Path, torch_threads: int, receivers: int
+) -> dict[str, Any]:
+    """C-STORE latency at ``dski serve`` while its own workers score a backlog with ``bundle``.
+
+    The backlog goes in first (storescu); once the workers are scoring it, the timed stores
+    go in one at a time. The backlog must outlast them: that is checked, not assumed."""
+    import pydicom
+
+    sys.path.insert(0, str(REPO))
+    from tests.nodeproc import NodeProcess, send_tracked, wait_for
+
+    datasets = [pydicom.dcmread(f) for f in files]
+    node = NodeProcess(root, bundle, overrides={
+        "listener": {"receiver_processes": receivers},
+        "detector": {"torch_threads": torch_threads, "workers": 1},
+        "processing": {"series_idle_seconds": 3600},  # no report building during the measurement
+    })
+    node.start()
+    try:
+        outcome = send_tracked(node.port, backlog, timeout=600)
+        if len(outcome.acked) != len(backlog):
+            raise RuntimeError(f"backlog: {len(outcome.acked)} of {len(backlog)} acknowledged")
+
+        def scored() -> int:
+            return int(node.db_value("SELECT count(*) FROM instances WHERE status IN ('analysed', 'failed')"))
+
+        wait_for(lambda: scored() >= 16, timeout=300, what="the workers scoring the backlog")
+        before = scored()
+        started = time.perf_counter()
+        times = _timed_stores(node.port, datasets)
+        seconds = time.perf_counter() - started
+        after = scored()
+        waiting = int(node.db_value("SELECT count(*) FROM instances WHERE status IN ('received', 'analysing')"))
+        if waiting == 0:
+            raise RuntimeError("the backlog ran out during the measurement: use a larger --count")
+    finally:
+        node.stop()
+    return {
+        "scorer": f"dski serve, bundle {bundle}, {torch_threads} torch threads",
+        "node": f"node, receiver_processes {receivers}",
+        "scorer_threads": torch_threads,
+        "count": len(times),
+        "p50_ms": percentile(times, 50),
+        "p99_ms": percentile(times, 99),
+        "max_ms": max(times),
+        "scored_during": after - before,
+        "scored_per_s": (after - before) / seconds,
+        "still_waiting_after": waiting,
+    }
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--count", type=int, default=1000)
@@ -410,6 +471,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--latency-count", type=int, default=300)
     parser.add_argument("--scorer-threads", type=int, default=2)
     parser.add_argument("--no-latency", action="store_true")
+    parser.add_argument("--real-scorer", type=Path, metavar="BUNDLE",
+                        help="also measure the latency at dski serve while its workers score a backlog with this "
+                             "bundle (e.g. bundles/default), for receiver_processes 1 and the --receivers variants")
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "out" / "receive.json")
     parser.add_argument("--postgres", action="store_true",
                         help="also run 1 and 2 node processes on one throwaway PostgreSQL database (pg1, pg2)")
@@ -530,6 +594,13 @@ def main(argv: list[str] | None = None) -> int:
                         latency_run(base / f"latency-idle-{k}", lat_files, 0, receivers=k),
                         latency_run(base / f"latency-loaded-{k}", lat_files, args.scorer_threads, receivers=k),
                     ]
+            if args.real_scorer:
+                backlog, timed = files[args.latency_count:], files[: args.latency_count]
+                for k in [1, *(k for k in receiver_variants if k != 1)]:
+                    result["latency"].append(real_scorer_latency_run(
+                        base / f"latency-real-{k}", backlog, timed, args.real_scorer.absolute(),
+                        args.scorer_threads, k,
+                    ))
             if args.reference_repo:
                 result["latency"] += [
                     latency_run(base / "latency-ref-idle", lat_files, 0, args.reference_repo),
@@ -562,6 +633,8 @@ def main(argv: list[str] | None = None) -> int:
                   f"ratio to storescp {s['reference_ratio_median']:.2f}")
     for lat in result.get("latency", []):
         label = "idle" if not lat["scorer_threads"] else f"{lat['scorer_threads']} scorer threads"
+        if "scorer" in lat:
+            label = f"real scorer ({lat['scorer_threads']} torch threads, {lat['scored_per_s']:.1f} scored/s)"
         print(f"C-STORE response, {lat.get('node', 'node')} {label:18s}: p50 {lat['p50_ms']:.1f} ms  p99 {lat['p99_ms']:.1f} ms  "
               f"max {lat['max_ms']:.1f} ms  ({lat['count']} stores)")
     print(f"load average before {result['machine_before']['loadavg'][0]:.2f}, after {result['machine_after']['loadavg'][0]:.2f}"
