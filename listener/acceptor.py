@@ -406,6 +406,8 @@ class AssociationAcceptor:
         self._idle = threading.Condition(self._lock)
         self._socket: socket.socket | None = None
         self._thread: threading.Thread | None = None
+        # open connections, established or still before their request (ACSE timeout)
+        self._max_open = max(64, 4 * settings.max_associations)
 
     @property
     def address(self) -> tuple[str, int]:
@@ -430,7 +432,14 @@ class AssociationAcceptor:
                 return  # the listening socket was closed: stop()
             association = _Association(self, conn, address)
             with self._lock:
-                self._open.add(association)
+                crowded = len(self._open) >= self._max_open
+                if not crowded:
+                    self._open.add(association)
+            if crowded:
+                # connections that never send a request must not cost a thread each without end
+                logger.warning("connection refused: too many open connections", extra={"peer": f"{address[0]}:{address[1]}"})
+                conn.close()
+                continue
             threading.Thread(target=association.run, name=f"dicom-assoc-{address[1]}", daemon=True).start()
 
     def _admit(self, association: _Association) -> bool:

@@ -426,3 +426,24 @@ def test_p_data_split_respects_peer_maximum() -> None:
     assert all(p.context_id == 5 and not p.is_command for p in parts)
     assert [p.is_last for p in parts] == [False] * (len(parts) - 1) + [True]
     assert b"".join(bytes(p.fragment) for p in parts) == payload
+
+
+def test_connections_without_request_are_bounded(recorder: Recorder) -> None:
+    acceptor = _start(recorder, max_associations=1, acse_timeout=30.0)
+    held: list[socket.socket] = []
+    try:
+        for _ in range(64):  # max(64, 4 x max_associations) connections may wait for their request
+            held.append(socket.create_connection(acceptor.address, timeout=5))
+        deadline = time.monotonic() + 5
+        while len(acceptor._open) < 64 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        extra = socket.create_connection(acceptor.address, timeout=5)
+        assert extra.recv(16) == b""  # closed at once, no thread waits 30 s for it
+        extra.close()
+        # the waiting ones are still served once they send their request
+        held[0].sendall(_associate_rq([(1, Verification)]))
+        assert _read_pdu_type(held[0]) == ul.A_ASSOCIATE_AC
+    finally:
+        for conn in held:
+            conn.close()
+        acceptor.stop(1)
