@@ -8,6 +8,7 @@ store is tested in test_scp.py.
 
 from __future__ import annotations
 
+import os
 import socket
 import struct
 import threading
@@ -17,12 +18,18 @@ from io import BytesIO
 
 import pydicom
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from pydicom.data import get_testdata_file
 from pydicom.filereader import read_dataset
 from pynetdicom import AE, build_role
 from pynetdicom.dsutils import encode
 from pynetdicom.pdu_primitives import AsynchronousOperationsWindowNegotiation
-from pynetdicom.sop_class import CTImageStorage, PatientRootQueryRetrieveInformationModelFind, Verification
+from pynetdicom.sop_class import (
+    CTImageStorage,
+    PatientRootQueryRetrieveInformationModelFind,
+    Verification,
+)
 
 from listener import upper_layer as ul
 from listener.acceptor import (
@@ -446,4 +453,68 @@ def test_connections_without_request_are_bounded(recorder: Recorder) -> None:
     finally:
         for conn in held:
             conn.close()
+        acceptor.stop(1)
+
+
+# --------------------------------------------------------------------------- protocol fuzz
+
+_pdu_bytes = st.one_of(
+    # a well-framed PDU of any type with a random body
+    st.builds(
+        lambda t, body: struct.pack(">BxL", t, len(body)) + body,
+        st.integers(0, 255),
+        st.binary(max_size=64),
+    ),
+    # P-DATA with random PDV items on the accepted context or another one
+    st.builds(
+        lambda items: struct.pack(">BxL", ul.P_DATA_TF, sum(len(i) for i in items)) + b"".join(items),
+        st.lists(
+            st.builds(
+                lambda ctx, control, payload: struct.pack(">LBB", len(payload) + 2, ctx, control) + payload,
+                st.sampled_from([1, 3, 255]),
+                st.integers(0, 255),
+                st.binary(max_size=48),
+            ),
+            max_size=3,
+        ),
+    ),
+    # a header that lies about its length, then the connection ends
+    st.builds(lambda n: struct.pack(">BxL", ul.P_DATA_TF, n), st.integers(1, 1 << 31)),
+    st.binary(min_size=1, max_size=32),
+)
+
+
+def test_random_pdus_never_break_the_acceptor(recorder: Recorder) -> None:
+    """After a valid association, any sequence of random PDUs ends in a response, an
+    A-ABORT or a closed connection within the timeouts, and the acceptor keeps serving."""
+    acceptor = _start(recorder, network_timeout=1.0, dimse_timeout=1.0)
+
+    @settings(max_examples=int(os.environ.get("DSKI_FUZZ_EXAMPLES", "150")), deadline=None, derandomize=True,
+              suppress_health_check=[HealthCheck.function_scoped_fixture])
+    @given(st.lists(_pdu_bytes, min_size=1, max_size=4))
+    def case(pdus: list[bytes]) -> None:
+        with _raw_association(acceptor, [(1, Verification)]) as conn:
+            conn.settimeout(5)
+            try:
+                for pdu in pdus:
+                    conn.sendall(pdu)
+                conn.shutdown(socket.SHUT_WR)
+                while conn.recv(65536):  # responses, then an A-ABORT, A-RELEASE-RP or the close
+                    pass
+            except TimeoutError:
+                pytest.fail(f"no end within 5 s after {pdus!r}")
+            except OSError:
+                pass  # the acceptor closed first (reset, broken pipe, not connected): also an end
+
+    try:
+        case()
+        host, port = acceptor.address
+        assoc = _scu().associate(host, port, ae_title=AET)
+        assert assoc.is_established and assoc.send_c_echo().Status == STATUS_SUCCESS
+        assoc.release()
+        deadline = time.monotonic() + 5
+        while acceptor.active_associations() and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert acceptor.active_associations() == 0
+    finally:
         acceptor.stop(1)
