@@ -9,13 +9,19 @@ from __future__ import annotations
 
 import re
 import struct
+from collections.abc import Callable
 from dataclasses import dataclass
 from io import BytesIO
+from types import MappingProxyType
+from typing import Any, NamedTuple
 
+from pydicom import config as pydicom_config
 from pydicom import dcmread
+from pydicom import hooks as pydicom_hooks
 from pydicom.charset import convert_encodings, default_encoding
 from pydicom.datadict import dictionary_VR, tag_for_keyword
 from pydicom.dataelem import (
+    DataElement,
     RawDataElement,
     convert_raw_data_element,
     empty_value_for_VR,
@@ -24,8 +30,8 @@ from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 from pydicom.filereader import ENCODED_VR
 from pydicom.tag import BaseTag
-from pydicom.uid import PrivateTransferSyntaxes
-from pydicom.valuerep import EXPLICIT_VR_LENGTH_32
+from pydicom.uid import UID, PrivateTransferSyntaxes
+from pydicom.valuerep import EXPLICIT_VR_LENGTH_32, IS
 from pynetdicom import PYNETDICOM_IMPLEMENTATION_UID, PYNETDICOM_IMPLEMENTATION_VERSION
 
 from listener.dimse import STATUS_BAD_UID, STATUS_CANNOT_UNDERSTAND, STATUS_TOO_LARGE
@@ -84,20 +90,18 @@ def valid_uid(value: object) -> str | None:
     return text
 
 
-def _text(ds: Dataset, keyword: str, limit: int) -> str | None:
-    value = ds.get(keyword)
+def _text(value: object, limit: int) -> str | None:
     if value is None:
         return None
     text = str(value).replace("\x00", "").strip()
     return text[:limit] or None
 
 
-def _int(ds: Dataset, keyword: str) -> int | None:
-    value = ds.get(keyword)
+def _int(value: object, keyword: str) -> int | None:
     if value is None or value == "":
         return None
     try:
-        return int(value)
+        return int(value)  # type: ignore[call-overload]
     except (TypeError, ValueError) as exc:
         raise InvalidObjectError(STATUS_CANNOT_UNDERSTAND, f"{keyword} is not a number: {value!r}") from exc
 
@@ -118,27 +122,28 @@ def parse_header(data: bytes, *, max_pixels: int) -> ObjectHeader:
 
     The common case (a complete little endian data set whose structure pydicom would
     read exactly as ``_fast_elements`` walks it) takes the header elements straight
-    from one walk over the bytes, and pydicom only decodes their values: the same
-    raw elements and encoding as its reader produces, about a tenth of the CPU.
-    Anything else goes through ``parse_header_reference`` unchanged.
+    from one walk over the bytes; their plain values (``_fast_value``) are decoded here,
+    the others by pydicom from the same raw elements and encoding as its reader
+    produces. Anything else goes through ``parse_header_reference`` unchanged.
     """
     fast = _fast_elements(data)
     if fast is None:
         return parse_header_reference(data, max_pixels=max_pixels)
-    raw, implicit, transfer_syntax = fast
+    found, implicit, transfer_syntax = fast
     try:
-        ds = _header_dataset(raw, implicit)
+        ds, values = _header_dataset(data, found, implicit)
     except (InvalidDicomError, EOFError, ValueError, KeyError, TypeError, OverflowError, LookupError, OSError) as exc:
         raise InvalidObjectError(STATUS_CANNOT_UNDERSTAND, f"not a readable DICOM dataset: {exc}") from exc
     except Exception as exc:  # as parse_header_reference: pydicom raises a wide range on hostile values
         raise InvalidObjectError(STATUS_CANNOT_UNDERSTAND, f"not a readable DICOM dataset: {type(exc).__name__}: {exc}") from exc
-    return _checked_header(ds, transfer_syntax, max_pixels)
+    return _checked_header(ds, values.get, transfer_syntax, max_pixels)
 
 
 def parse_header_reference(data: bytes, *, max_pixels: int) -> ObjectHeader:
     """``parse_header`` through pydicom's reader: the fallback for whatever the fast path
     does not vouch for, and the reference the fast path is tested against."""
-    return _checked_header(*_read_reference(data), max_pixels)
+    ds, transfer_syntax = _read_reference(data)
+    return _checked_header(ds, ds.get, transfer_syntax, max_pixels)
 
 
 def _read_reference(data: bytes) -> tuple[Dataset, str]:
@@ -170,11 +175,13 @@ def _read_reference(data: bytes) -> tuple[Dataset, str]:
     return ds, transfer_syntax
 
 
-def _checked_header(ds: Dataset, transfer_syntax: str, max_pixels: int) -> ObjectHeader:
-    """The validated ``ObjectHeader`` of a header data set read by either path."""
+def _checked_header(ds: Dataset, get: Callable[[str], Any], transfer_syntax: str, max_pixels: int) -> ObjectHeader:
+    """The validated ``ObjectHeader`` of a header data set read by either path; ``get(keyword)``
+    is ``ds.get(keyword)`` (the fast path has the values at hand: ``Dataset.get`` costs
+    microseconds a call)."""
     uids: dict[str, str] = {}
     for keyword in ("SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID"):
-        raw = ds.get(keyword)
+        raw = get(keyword)
         uid = valid_uid(raw)
         if uid is None:
             what = "missing" if raw in (None, "") else f"not a valid UID: {str(raw)[:80]!r}"
@@ -182,8 +189,8 @@ def _checked_header(ds: Dataset, transfer_syntax: str, max_pixels: int) -> Objec
         uids[keyword] = uid
 
     try:
-        rows, columns = _int(ds, "Rows"), _int(ds, "Columns")
-        frames = _int(ds, "NumberOfFrames") or 1
+        rows, columns = _int(get("Rows"), "Rows"), _int(get("Columns"), "Columns")
+        frames = _int(get("NumberOfFrames"), "NumberOfFrames") or 1
         pixels = None
         if rows is not None and columns is not None:
             if rows < 0 or columns < 0 or frames < 0:
@@ -193,8 +200,8 @@ def _checked_header(ds: Dataset, transfer_syntax: str, max_pixels: int) -> Objec
                 raise InvalidObjectError(
                     STATUS_TOO_LARGE, f"image {rows}x{columns}x{frames} exceeds the limit of {max_pixels} pixels"
                 )
-        patient_id = _text(ds, "PatientID", 64)
-        modality = _text(ds, "Modality", 16)
+        patient_id = _text(get("PatientID"), 64)
+        modality = _text(get("Modality"), 16)
     except InvalidObjectError:
         raise
     except Exception as exc:
@@ -423,6 +430,7 @@ def file_meta_bytes(sop_class_uid: str, sop_instance_uid: str, transfer_syntax_u
 
 _ENCODED_VR: frozenset[bytes] = frozenset(vr for vr in ENCODED_VR if len(vr) == 2)
 _HEADER_TAG_SET: frozenset[int] = frozenset(int(tag_for_keyword(k) or 0) for k in HEADER_TAGS) | {0x00080005}
+_CHARSET_TAG = 0x00080005
 _EXPLICIT_LE_UID = "1.2.840.10008.1.2.1"
 _TAG_LE = struct.Struct("<HH")
 _U16_LE = struct.Struct("<H")
@@ -430,15 +438,24 @@ _U32_LE = struct.Struct("<L")
 _IMPLICIT_ELEMENT = struct.Struct("<HHL")
 _EXPLICIT_ELEMENT = struct.Struct("<HH2sH")
 _LONG_VR: frozenset[bytes] = frozenset(vr.encode("ascii") for vr in EXPLICIT_VR_LENGTH_32)
+# header size of an explicit VR element by its VR; a VR pydicom does not know is absent
+_VR_HEADER_SIZE: MappingProxyType[bytes, int] = MappingProxyType(
+    {vr: 12 if vr in _LONG_VR else 8 for vr in _ENCODED_VR}
+)
 _GROUP_LENGTH_HEADER = b"\x02\x00\x00\x00UL\x04\x00"
+_LE_EXPLICIT = _Encoding(implicit=False, tag="<HH", short="<H", long="<L")
+_LE_IMPLICIT = _Encoding(implicit=True, tag="<HH", short="<H", long="<L")
+
+# A header element as the walk finds it: (explicit VR or None, value offset, value length).
+_Found = tuple[bytes | None, int, int]
 
 
 class _Unsure(Exception):
     """The fast path cannot vouch that pydicom reads these bytes the same way."""
 
 
-def _fast_elements(data: bytes) -> tuple[dict[int, RawDataElement], bool, str] | None:
-    """(the header's raw elements as pydicom's reader yields them, implicit VR, transfer syntax),
+def _fast_elements(data: bytes) -> tuple[dict[int, _Found], bool, str] | None:
+    """(the header elements where pydicom's reader finds them, implicit VR, transfer syntax),
     or None when the reference path must read the object."""
     if data[128:132] != b"DICM" or data[132:140] != _GROUP_LENGTH_HEADER:
         return None
@@ -450,15 +467,17 @@ def _fast_elements(data: bytes) -> tuple[dict[int, RawDataElement], bool, str] |
         if transfer_syntax in (_BIG_ENDIAN, _DEFLATED) or transfer_syntax in PrivateTransferSyntaxes:
             return None
         implicit = transfer_syntax == _IMPLICIT
-        found, cut = _fast_header_elements(data, start, implicit)
-    except (_Unsure, struct.error):
-        return None
-    if cut is not None:
+        if _looks_explicit(data, start) == implicit:
+            return None  # pydicom would switch encodings (or refuse)
+        if implicit:
+            found, cut = _fast_implicit_header(data, start)
+        else:
+            found, cut = _fast_explicit_header(data, start)
         # the rest must be complete and followable, else the reference path refuses or reads it all
-        enc = _Encoding(implicit=implicit, tag="<HH", short="<H", long="<L")
-        reason, after = _walk_elements(data, enc, start, cut, cut)
-        if reason is not None or after is None:
+        if cut is not None and not _rest_complete(data, cut, implicit):
             return None
+    except (_Unsure, struct.error):  # struct.error: an element runs past the end of the bytes
+        return None
     return found, implicit, transfer_syntax
 
 
@@ -527,51 +546,108 @@ def _is_sequence(tag: int, vr: str | None) -> bool:
         return False
 
 
-def _fast_header_elements(data: bytes, start: int, implicit: bool) -> tuple[dict[int, RawDataElement], int | None]:
-    """The header elements before the first top-level tag above ``_LAST_HEADER_TAG``, and that
-    tag's offset (None when the data set ends first)."""
-    if _looks_explicit(data, start) == implicit:
-        raise _Unsure  # pydicom would switch encodings (or refuse)
-    found: dict[int, RawDataElement] = {}
-    end, pos = len(data), start
-    # a CT has some 200 elements before (0028,0011): this loop is the fast path's main cost,
-    # hence one unpack per element and the VR decoded only for the elements kept
-    unpack = _IMPLICIT_ELEMENT.unpack_from if implicit else _EXPLICIT_ELEMENT.unpack_from
+# A CT has some 200 elements before (0028,0011): these two loops are most of the fast
+# path's cost, hence one unpack per element, the VR left as bytes, the group checks
+# only where they can matter, and the bounds left to struct (struct.error when an
+# element header runs past the end) and to the final ``pos != end``.
+
+
+def _fast_explicit_header(data: bytes, pos: int) -> tuple[dict[int, _Found], int | None]:
+    """The header elements of an explicit VR little endian data set before its first top-level
+    tag above ``_LAST_HEADER_TAG``, and that tag's offset (None when the data set ends first)."""
+    found: dict[int, _Found] = {}
+    end = len(data)
+    unpack = _EXPLICIT_ELEMENT.unpack_from
     long_length = _U32_LE.unpack_from
+    header_size = _VR_HEADER_SIZE
+    wanted = _HEADER_TAG_SET
     while pos < end:
-        if pos + 8 > end:
-            raise _Unsure
-        if implicit:
-            group, element, length = unpack(data, pos)
-            raw_vr, value_pos = None, pos + 8
-        else:
-            group, element, raw_vr, length = unpack(data, pos)
-            if raw_vr in _LONG_VR:
-                if pos + 12 > end:
-                    raise _Unsure
-                length, value_pos = long_length(data, pos + 8)[0], pos + 12
-            elif raw_vr in _ENCODED_VR:
-                value_pos = pos + 8
-            else:
-                raise _Unsure
-        if group == 0xFFFE or group == 0x0000:
-            raise _Unsure
+        group, element, vr, length = unpack(data, pos)
         tag = group << 16 | element
         if tag > _LAST_HEADER_TAG:
-            return found, pos
-        vr = None if raw_vr is None else raw_vr.decode("ascii")
-        if length == _UNDEFINED:
-            if tag in _HEADER_TAG_SET or not _is_sequence(tag, vr):
+            if group == 0xFFFE:
                 raise _Unsure
-            pos = _fast_sequence(data, value_pos, implicit, 0)
-            continue
-        pos = value_pos + length
-        if pos > end:
-            raise _Unsure
-        if tag in _HEADER_TAG_SET:
-            value = data[value_pos:pos] if length else empty_value_for_VR(vr, raw=True)
-            found[tag] = RawDataElement(BaseTag(tag), vr, length, value, value_pos, implicit, True)
+            return found, pos
+        size = header_size.get(vr)
+        if size is None:
+            raise _Unsure  # pydicom would guess the encoding
+        if size == 12:
+            length = long_length(data, pos + 8)[0]
+            if length == _UNDEFINED:
+                if tag in wanted or vr != b"SQ":
+                    raise _Unsure
+                pos = _fast_sequence(data, pos + 12, False, 0)
+                continue
+        if tag in wanted:
+            found[tag] = (vr, pos + size, length)
+        elif not group:
+            raise _Unsure  # a command group element: pydicom reads it otherwise
+        pos += size + length
+    if pos != end:
+        raise _Unsure
     return found, None
+
+
+def _fast_implicit_header(data: bytes, pos: int) -> tuple[dict[int, _Found], int | None]:
+    """``_fast_explicit_header`` for an implicit VR little endian data set."""
+    found: dict[int, _Found] = {}
+    end = len(data)
+    unpack = _IMPLICIT_ELEMENT.unpack_from
+    wanted = _HEADER_TAG_SET
+    while pos < end:
+        group, element, length = unpack(data, pos)
+        tag = group << 16 | element
+        if tag > _LAST_HEADER_TAG:
+            if group == 0xFFFE:
+                raise _Unsure
+            return found, pos
+        if length == _UNDEFINED:
+            if tag in wanted or not _is_sequence(tag, None):
+                raise _Unsure
+            pos = _fast_sequence(data, pos + 8, True, 0)
+            continue
+        if tag in wanted:
+            found[tag] = (None, pos + 8, length)
+        elif not group:
+            raise _Unsure
+        pos += 8 + length
+    if pos != end:
+        raise _Unsure
+    return found, None
+
+
+def _rest_complete(data: bytes, pos: int, implicit: bool) -> bool:
+    """Whether ``_walk_elements`` from the top-level element at ``pos`` finds the data set
+    complete and followable (as the reference path needs it to be), walking as it does."""
+    end = len(data)
+    if implicit:
+        unpack_implicit = _IMPLICIT_ELEMENT.unpack_from
+        while pos < end:
+            length = unpack_implicit(data, pos)[2]
+            if length == _UNDEFINED:
+                after = _skip_sequence(data, pos + 8, _LE_IMPLICIT, 0)
+                if after is None:
+                    return False
+                pos = after
+                continue
+            pos += 8 + length
+        return pos == end
+    unpack = _EXPLICIT_ELEMENT.unpack_from
+    long_length = _U32_LE.unpack_from
+    while pos < end:
+        vr, length = unpack(data, pos)[2:]
+        if vr in _VR_LONG:  # the reference walk's test (unknown VRs have a short header there)
+            length = long_length(data, pos + 8)[0]
+            if length == _UNDEFINED:
+                after = _skip_sequence(data, pos + 12, _LE_EXPLICIT, 0)
+                if after is None:
+                    return False
+                pos = after
+                continue
+            pos += 12 + length
+        else:
+            pos += 8 + length
+    return pos == end
 
 
 def _fast_sequence(data: bytes, pos: int, implicit: bool, depth: int) -> int:
@@ -624,14 +700,172 @@ def _fast_item(data: bytes, pos: int, item_end: int | None, implicit: bool, dept
                 raise _Unsure
 
 
-def _header_dataset(raw: dict[int, RawDataElement], implicit: bool) -> Dataset:
-    """The data set pydicom's ``read_dataset`` builds from these raw elements, values checked."""
-    ds = Dataset(raw)
+# --------------------------------------------------------------------------- fast values
+#
+# pydicom's reader keeps the header elements raw and converts each on first access
+# (``Dataset.__getitem__``: VR from the file or the dictionary, ``convert_value``, a
+# ``DataElement``, ``Dataset.__setitem__``), some 15 microseconds an element. For the
+# plain values a header mostly has, ``_fast_value`` gives the very value that
+# conversion gives, without the warnings it would raise since it takes none that
+# pydicom's validation would object to; every other element stays a RawDataElement in
+# the data set and pydicom converts it as before.
+
+
+class _Spec(NamedTuple):
+    tag: BaseTag
+    keyword: str
+    vr: str  # the dictionary VR: what pydicom uses for implicit VR
+    raw_vr: bytes  # the explicit VR that matches it
+
+
+# in HEADER_TAGS order, the order the reference path converts them in
+_SPECS: MappingProxyType[int, _Spec] = MappingProxyType({
+    int(tag): _Spec(BaseTag(tag), keyword, dictionary_VR(tag), dictionary_VR(tag).encode("ascii"))
+    for keyword in HEADER_TAGS
+    for tag in (tag_for_keyword(keyword),)
+    if tag is not None
+})
+# pydicom's UI validation (valuerep) without the leniency of ``re.match(...$)``
+_UI_VALUE = re.compile(rb"(?:0|[1-9][0-9]*)(?:\.(?:0|[1-9][0-9]*))*")
+# a single text value that every ASCII-compatible codec decodes alike: printable ASCII,
+# no backslash (value delimiter), NUL padding at most
+_ASCII_TEXT = re.compile(rb"[\x20-\x5B\x5D-\x7E]*\x00*")
+_IS_VALUE = re.compile(rb"[0-9]{1,12}")
+_LO_MAX = 64
+# Specific Character Set values whose Python codec decodes printable ASCII as ASCII (no
+# ISO 2022 code extensions, no Shift JIS whose 0x5C some codecs read as a yen sign)
+_ASCII_CHARSETS: frozenset[str] = frozenset({
+    "", "ISO_IR 6", "ISO_IR 100", "ISO_IR 101", "ISO_IR 109", "ISO_IR 110", "ISO_IR 126", "ISO_IR 127",
+    "ISO_IR 138", "ISO_IR 144", "ISO_IR 148", "ISO_IR 166", "ISO_IR 203", "ISO_IR 192", "GB18030", "GBK",
+})
+
+
+class _NotPlain:
+    """Marks a value ``_fast_value`` leaves to pydicom."""
+
+
+_NOT_PLAIN = _NotPlain()
+
+
+def _pydicom_converts_plainly() -> bool:
+    """Whether pydicom's element conversion is its default one (an application may
+    register hooks or callbacks, which the fast values would bypass)."""
+    return (
+        pydicom_config.data_element_callback is None
+        and pydicom_hooks.hooks.raw_element_vr is pydicom_hooks.raw_element_vr
+        and pydicom_hooks.hooks.raw_element_value is pydicom_hooks.raw_element_value
+        and not pydicom_hooks.hooks.raw_element_kwargs
+        and not pydicom_config.use_IS_numpy
+    )
+
+
+def _fast_value(vr: str, raw: bytes, ascii_text: bool) -> Any:
+    """The value pydicom converts non-empty ``raw`` to for ``vr`` (its dictionary VR) when the
+    value is plain, else ``_NOT_PLAIN``. ``ascii_text``: the character set decodes ASCII as ASCII."""
+    if vr == "UI":  # convert_UI: latin-1, padding stripped, UID() validates and strips
+        text = raw.rstrip(b"\x00 ")
+        if len(text) <= 64 and _UI_VALUE.fullmatch(text):
+            return str.__new__(UID, text.decode("ascii"))  # UID() less its validation, just done
+    elif vr == "CS":  # convert_string: latin-1, padding stripped, no validation
+        if b"\\" not in raw:
+            return raw.decode("latin-1").rstrip(" \x00")
+    elif vr == "LO":  # convert_text: decoded per the character set, validated, padding stripped
+        if ascii_text and len(raw) <= _LO_MAX and _ASCII_TEXT.fullmatch(raw):
+            return raw.decode("ascii").rstrip("\x00 ")
+    elif vr == "US":  # convert_numbers: one little endian value is an int
+        if len(raw) == 2:
+            return raw[0] | raw[1] << 8
+    elif vr == "IS":  # convert_IS_string: latin-1, padding stripped, IS()
+        text = raw.rstrip(b" \x00")
+        if _IS_VALUE.fullmatch(text):
+            return IS(text.decode("ascii"))
+    return _NOT_PLAIN
+
+
+def _header_dataset(data: bytes, found: dict[int, _Found], implicit: bool) -> tuple[Dataset, dict[str, Any]]:
+    """The header data set as pydicom's ``read_dataset`` builds it from these elements, its
+    values checked, and the values by keyword (absent elements absent)."""
+    plain = _pydicom_converts_plainly()
+    elements: dict[BaseTag, DataElement | RawDataElement] = {}
+    values: dict[str, Any] = {}
     encoding: str | list[str] = default_encoding
-    charset = raw.get(0x00080005)
-    if charset is not None:
-        encoding = convert_encodings(convert_raw_data_element(charset).value)
+    ascii_text = True
+    charset = found.get(_CHARSET_TAG)
+    if charset is not None:  # decoded first: the text values depend on it
+        value = _element_value(data, _SPECS[_CHARSET_TAG], charset, implicit, True, plain, elements, values)
+        if value is _NOT_PLAIN:
+            value = convert_raw_data_element(elements[_SPECS[_CHARSET_TAG].tag]).value
+        encoding = convert_encodings(value)
+        ascii_text = type(value) is str and value in _ASCII_CHARSETS
+    for tag, element in found.items():
+        if tag != _CHARSET_TAG:
+            _element_value(data, _SPECS[tag], element, implicit, ascii_text, plain, elements, values)
+    ds = _new_dataset(elements)
     ds.set_original_encoding(implicit, True, encoding)
-    for keyword in HEADER_TAGS:  # as _read_header: a malformed value fails now
-        ds.get(keyword)
+    for spec in _SPECS.values():  # as _read_header: pydicom converts the others now, so that a malformed one fails now
+        if spec.keyword not in values and spec.tag in elements:
+            values[spec.keyword] = ds.get(spec.keyword)
+    return ds, values
+
+
+def _element_value(
+    data: bytes,
+    spec: _Spec,
+    element: _Found,
+    implicit: bool,
+    ascii_text: bool,
+    plain: bool,
+    elements: dict[BaseTag, DataElement | RawDataElement],
+    values: dict[str, Any],
+) -> Any:
+    """Adds the element to ``elements`` (and its value to ``values``) as a DataElement when
+    its value is plain, else as the RawDataElement pydicom's reader makes; returns the value,
+    or ``_NOT_PLAIN``."""
+    raw_vr, value_pos, length = element
+    raw = data[value_pos : value_pos + length]
+    value: Any = _NOT_PLAIN
+    if plain and (raw_vr is None or raw_vr == spec.raw_vr):
+        value = _fast_value(spec.vr, raw, ascii_text) if length else empty_value_for_VR(spec.vr)
+    if value is _NOT_PLAIN or spec.vr == "SQ":
+        vr = None if raw_vr is None else raw_vr.decode("ascii")
+        if not length:
+            raw = empty_value_for_VR(vr, raw=True)
+        elements[spec.tag] = RawDataElement(spec.tag, vr, length, raw, value_pos, implicit, True)
+        return _NOT_PLAIN
+    elements[spec.tag] = DataElement(spec.tag, spec.vr, value, value_pos, False, already_converted=True)
+    values[spec.keyword] = value
+    return value
+
+
+def _dataset_state() -> tuple[tuple[str, Any], ...] | None:
+    """The instance attributes ``Dataset()`` sets, less ``_dict`` (dicts as item tuples), or None
+    when one is of a kind ``_new_dataset`` could not copy faithfully."""
+    scalar = (str, bool, int, type(None))
+    state: list[tuple[str, Any]] = []
+    for name, value in vars(Dataset()).items():
+        if name == "_dict":
+            continue
+        if isinstance(value, dict) and all(isinstance(item, scalar) for item in value.values()):
+            state.append((name, tuple(value.items())))
+        elif isinstance(value, scalar):
+            state.append((name, value))
+        else:
+            return None
+    return tuple(state)
+
+
+_DATASET_STATE = _dataset_state()
+_DICT_ATTRIBUTES: frozenset[str] = frozenset(name for name, value in vars(Dataset()).items() if isinstance(value, dict))
+
+
+def _new_dataset(elements: dict[BaseTag, DataElement | RawDataElement]) -> Dataset:
+    """``Dataset(elements)``: its ``__init__`` sets a dozen attributes through ``Dataset.__setattr__``,
+    which costs more than the rest of the fast path's data set; this sets the same ones directly."""
+    if _DATASET_STATE is None:
+        return Dataset(elements)
+    ds = Dataset.__new__(Dataset)
+    state = ds.__dict__
+    for name, value in _DATASET_STATE:
+        state[name] = dict(value) if name in _DICT_ATTRIBUTES else value
+    state["_dict"] = elements
     return ds
