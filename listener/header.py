@@ -122,7 +122,7 @@ def parse_header(data: bytes, *, max_pixels: int) -> ObjectHeader:
 
     The common case (a complete little endian data set whose structure pydicom would
     read exactly as ``_fast_elements`` walks it) takes the header elements straight
-    from one walk over the bytes; their plain values (``_fast_value``) are decoded here,
+    from one walk over the bytes; their plain values are decoded here (``_header_dataset``),
     the others by pydicom from the same raw elements and encoding as its reader
     produces. Anything else goes through ``parse_header_reference`` unchanged.
     """
@@ -438,10 +438,6 @@ _U32_LE = struct.Struct("<L")
 _IMPLICIT_ELEMENT = struct.Struct("<HHL")
 _EXPLICIT_ELEMENT = struct.Struct("<HH2sH")
 _LONG_VR: frozenset[bytes] = frozenset(vr.encode("ascii") for vr in EXPLICIT_VR_LENGTH_32)
-# header size of an explicit VR element by its VR; a VR pydicom does not know is absent
-_VR_HEADER_SIZE: MappingProxyType[bytes, int] = MappingProxyType(
-    {vr: 12 if vr in _LONG_VR else 8 for vr in _ENCODED_VR}
-)
 _GROUP_LENGTH_HEADER = b"\x02\x00\x00\x00UL\x04\x00"
 _LE_EXPLICIT = _Encoding(implicit=False, tag="<HH", short="<H", long="<L")
 _LE_IMPLICIT = _Encoding(implicit=True, tag="<HH", short="<H", long="<L")
@@ -546,108 +542,116 @@ def _is_sequence(tag: int, vr: str | None) -> bool:
         return False
 
 
-# A CT has some 200 elements before (0028,0011): these two loops are most of the fast
-# path's cost, hence one unpack per element, the VR left as bytes, the group checks
-# only where they can matter, and the bounds left to struct (struct.error when an
-# element header runs past the end) and to the final ``pos != end``.
+# A CT has some 200 elements before (0028,0011): these loops are most of the fast path's
+# cost, hence one unpack per element, the VR left as bytes, the group checks only where
+# they can matter, and the bounds left to struct: struct.error when an element header
+# runs past the end of the bytes (a value that does is caught by the next header, or by
+# ``pos != end``), the normal end being the one at ``pos == end`` exactly.
 
 
 def _fast_explicit_header(data: bytes, pos: int) -> tuple[dict[int, _Found], int | None]:
     """The header elements of an explicit VR little endian data set before its first top-level
     tag above ``_LAST_HEADER_TAG``, and that tag's offset (None when the data set ends first)."""
     found: dict[int, _Found] = {}
-    end = len(data)
     unpack = _EXPLICIT_ELEMENT.unpack_from
     long_length = _U32_LE.unpack_from
-    header_size = _VR_HEADER_SIZE
-    wanted = _HEADER_TAG_SET
-    while pos < end:
-        group, element, vr, length = unpack(data, pos)
-        tag = group << 16 | element
-        if tag > _LAST_HEADER_TAG:
-            if group == 0xFFFE:
-                raise _Unsure
-            return found, pos
-        size = header_size.get(vr)
-        if size is None:
-            raise _Unsure  # pydicom would guess the encoding
-        if size == 12:
-            length = long_length(data, pos + 8)[0]
-            if length == _UNDEFINED:
-                if tag in wanted or vr != b"SQ":
+    long_vr, short_vr, wanted = _LONG_VR, _ENCODED_VR, _HEADER_TAG_SET
+    try:
+        while True:
+            group, element, vr, length = unpack(data, pos)
+            tag = group << 16 | element
+            if tag > _LAST_HEADER_TAG:
+                if group == 0xFFFE:
                     raise _Unsure
-                pos = _fast_sequence(data, pos + 12, False, 0)
-                continue
-        if tag in wanted:
-            found[tag] = (vr, pos + size, length)
-        elif not group:
-            raise _Unsure  # a command group element: pydicom reads it otherwise
-        pos += size + length
-    if pos != end:
-        raise _Unsure
+                return found, pos
+            if vr in long_vr:
+                if not group:
+                    raise _Unsure  # a command group element: pydicom reads it otherwise
+                length = long_length(data, pos + 8)[0]
+                if length == _UNDEFINED:
+                    if tag in wanted or vr != b"SQ":
+                        raise _Unsure
+                    pos = _fast_sequence(data, pos + 12, False, 0)
+                    continue
+                if tag in wanted:
+                    found[tag] = (vr, pos + 12, length)
+                pos += 12 + length
+            elif vr in short_vr:
+                if tag in wanted:
+                    found[tag] = (vr, pos + 8, length)
+                elif not group:
+                    raise _Unsure  # a command group element: pydicom reads it otherwise
+                pos += 8 + length
+            else:
+                raise _Unsure  # a VR pydicom does not know: it would guess the encoding
+    except struct.error:
+        if pos != len(data):
+            raise _Unsure from None
     return found, None
 
 
 def _fast_implicit_header(data: bytes, pos: int) -> tuple[dict[int, _Found], int | None]:
     """``_fast_explicit_header`` for an implicit VR little endian data set."""
     found: dict[int, _Found] = {}
-    end = len(data)
     unpack = _IMPLICIT_ELEMENT.unpack_from
     wanted = _HEADER_TAG_SET
-    while pos < end:
-        group, element, length = unpack(data, pos)
-        tag = group << 16 | element
-        if tag > _LAST_HEADER_TAG:
-            if group == 0xFFFE:
+    try:
+        while True:
+            group, element, length = unpack(data, pos)
+            tag = group << 16 | element
+            if tag > _LAST_HEADER_TAG:
+                if group == 0xFFFE:
+                    raise _Unsure
+                return found, pos
+            if length == _UNDEFINED:
+                if tag in wanted or not group or not _is_sequence(tag, None):
+                    raise _Unsure
+                pos = _fast_sequence(data, pos + 8, True, 0)
+                continue
+            if tag in wanted:
+                found[tag] = (None, pos + 8, length)
+            elif not group:
                 raise _Unsure
-            return found, pos
-        if length == _UNDEFINED:
-            if tag in wanted or not _is_sequence(tag, None):
-                raise _Unsure
-            pos = _fast_sequence(data, pos + 8, True, 0)
-            continue
-        if tag in wanted:
-            found[tag] = (None, pos + 8, length)
-        elif not group:
-            raise _Unsure
-        pos += 8 + length
-    if pos != end:
-        raise _Unsure
+            pos += 8 + length
+    except struct.error:
+        if pos != len(data):
+            raise _Unsure from None
     return found, None
 
 
 def _rest_complete(data: bytes, pos: int, implicit: bool) -> bool:
     """Whether ``_walk_elements`` from the top-level element at ``pos`` finds the data set
     complete and followable (as the reference path needs it to be), walking as it does."""
-    end = len(data)
-    if implicit:
-        unpack_implicit = _IMPLICIT_ELEMENT.unpack_from
-        while pos < end:
-            length = unpack_implicit(data, pos)[2]
-            if length == _UNDEFINED:
-                after = _skip_sequence(data, pos + 8, _LE_IMPLICIT, 0)
-                if after is None:
-                    return False
-                pos = after
-                continue
-            pos += 8 + length
-        return pos == end
-    unpack = _EXPLICIT_ELEMENT.unpack_from
-    long_length = _U32_LE.unpack_from
-    while pos < end:
-        vr, length = unpack(data, pos)[2:]
-        if vr in _VR_LONG:  # the reference walk's test (unknown VRs have a short header there)
-            length = long_length(data, pos + 8)[0]
-            if length == _UNDEFINED:
-                after = _skip_sequence(data, pos + 12, _LE_EXPLICIT, 0)
-                if after is None:
-                    return False
-                pos = after
-                continue
-            pos += 12 + length
-        else:
-            pos += 8 + length
-    return pos == end
+    try:
+        if implicit:
+            unpack_implicit = _IMPLICIT_ELEMENT.unpack_from
+            while True:
+                length = unpack_implicit(data, pos)[2]
+                if length == _UNDEFINED:
+                    after = _skip_sequence(data, pos + 8, _LE_IMPLICIT, 0)
+                    if after is None:
+                        return False
+                    pos = after
+                else:
+                    pos += 8 + length
+        unpack = _EXPLICIT_ELEMENT.unpack_from
+        long_length = _U32_LE.unpack_from
+        long_vr = _VR_LONG  # the reference walk's test (a VR it does not know has a short header there)
+        while True:
+            vr, length = unpack(data, pos)[2:]
+            if vr in long_vr:
+                length = long_length(data, pos + 8)[0]
+                if length == _UNDEFINED:
+                    after = _skip_sequence(data, pos + 12, _LE_EXPLICIT, 0)
+                    if after is None:
+                        return False
+                    pos = after
+                else:
+                    pos += 12 + length
+            else:
+                pos += 8 + length
+    except struct.error:
+        return pos == len(data)
 
 
 def _fast_sequence(data: bytes, pos: int, implicit: bool, depth: int) -> int:
@@ -705,7 +709,7 @@ def _fast_item(data: bytes, pos: int, item_end: int | None, implicit: bool, dept
 # pydicom's reader keeps the header elements raw and converts each on first access
 # (``Dataset.__getitem__``: VR from the file or the dictionary, ``convert_value``, a
 # ``DataElement``, ``Dataset.__setitem__``), some 15 microseconds an element. For the
-# plain values a header mostly has, ``_fast_value`` gives the very value that
+# plain values a header mostly has, ``_header_dataset`` gives the very value that
 # conversion gives, without the warnings it would raise since it takes none that
 # pydicom's validation would object to; every other element stays a RawDataElement in
 # the data set and pydicom converts it as before.
@@ -741,7 +745,7 @@ _ASCII_CHARSETS: frozenset[str] = frozenset({
 
 
 class _NotPlain:
-    """Marks a value ``_fast_value`` leaves to pydicom."""
+    """Marks a value ``_header_dataset`` leaves to pydicom."""
 
 
 _NOT_PLAIN = _NotPlain()
@@ -759,47 +763,67 @@ def _pydicom_converts_plainly() -> bool:
     )
 
 
-def _fast_value(vr: str, raw: bytes, ascii_text: bool) -> Any:
-    """The value pydicom converts non-empty ``raw`` to for ``vr`` (its dictionary VR) when the
-    value is plain, else ``_NOT_PLAIN``. ``ascii_text``: the character set decodes ASCII as ASCII."""
-    if vr == "UI":  # convert_UI: latin-1, padding stripped, UID() validates and strips
-        text = raw.rstrip(b"\x00 ")
-        if len(text) <= 64 and _UI_VALUE.fullmatch(text):
-            return str.__new__(UID, text.decode("ascii"))  # UID() less its validation, just done
-    elif vr == "CS":  # convert_string: latin-1, padding stripped, no validation
-        if b"\\" not in raw:
-            return raw.decode("latin-1").rstrip(" \x00")
-    elif vr == "LO":  # convert_text: decoded per the character set, validated, padding stripped
-        if ascii_text and len(raw) <= _LO_MAX and _ASCII_TEXT.fullmatch(raw):
-            return raw.decode("ascii").rstrip("\x00 ")
-    elif vr == "US":  # convert_numbers: one little endian value is an int
-        if len(raw) == 2:
-            return raw[0] | raw[1] << 8
-    elif vr == "IS":  # convert_IS_string: latin-1, padding stripped, IS()
-        text = raw.rstrip(b" \x00")
-        if _IS_VALUE.fullmatch(text):
-            return IS(text.decode("ascii"))
-    return _NOT_PLAIN
-
-
 def _header_dataset(data: bytes, found: dict[int, _Found], implicit: bool) -> tuple[Dataset, dict[str, Any]]:
     """The header data set as pydicom's ``read_dataset`` builds it from these elements, its
-    values checked, and the values by keyword (absent elements absent)."""
+    values checked, and the values by keyword (absent elements absent).
+
+    A value is plain, and decoded here, when it needs no character set beyond ASCII and
+    pydicom's validation would not object to it; then it is the very value pydicom's
+    conversion gives (the comments name the converters of ``pydicom.values``).
+    """
     plain = _pydicom_converts_plainly()
+    validation_mode = pydicom_config.settings.reading_validation_mode
     elements: dict[BaseTag, DataElement | RawDataElement] = {}
     values: dict[str, Any] = {}
     encoding: str | list[str] = default_encoding
-    ascii_text = True
+    ascii_text = True  # whether the character set decodes printable ASCII as ASCII
     charset = found.get(_CHARSET_TAG)
-    if charset is not None:  # decoded first: the text values depend on it
-        value = _element_value(data, _SPECS[_CHARSET_TAG], charset, implicit, True, plain, elements, values)
-        if value is _NOT_PLAIN:
-            value = convert_raw_data_element(elements[_SPECS[_CHARSET_TAG].tag]).value
+    if charset is not None:  # first: the text values depend on it
+        spec = _SPECS[_CHARSET_TAG]
+        raw_vr, value_pos, length = charset
+        raw = data[value_pos : value_pos + length]
+        if plain and raw_vr in (None, b"CS") and b"\\" not in raw:  # convert_string, one value
+            value = raw.decode("latin-1").rstrip(" \x00") if length else empty_value_for_VR("CS")
+            elements[spec.tag] = _plain_element(spec.tag, "CS", value, value_pos, validation_mode)
+            values[spec.keyword] = value
+        else:
+            elements[spec.tag] = _raw_element(spec.tag, raw_vr, raw, value_pos, implicit)
+            value = convert_raw_data_element(elements[spec.tag]).value  # type: ignore[arg-type]
         encoding = convert_encodings(value)
         ascii_text = type(value) is str and value in _ASCII_CHARSETS
-    for tag, element in found.items():
-        if tag != _CHARSET_TAG:
-            _element_value(data, _SPECS[tag], element, implicit, ascii_text, plain, elements, values)
+    for tag, (raw_vr, value_pos, length) in found.items():
+        if tag == _CHARSET_TAG:
+            continue
+        spec = _SPECS[tag]
+        vr = spec.vr
+        raw = data[value_pos : value_pos + length]
+        value: Any = _NOT_PLAIN
+        if not plain or (raw_vr is not None and raw_vr != spec.raw_vr) or vr == "SQ":
+            pass  # pydicom's VR lookup, hooks or sequence parsing decide
+        elif not length:
+            value = empty_value_for_VR(vr)  # convert_value: the same for every VR
+        elif vr == "UI":  # convert_UI: latin-1, padding stripped; UID() validates and strips
+            text = raw.rstrip(b"\x00 ")
+            if len(text) <= 64 and _UI_VALUE.fullmatch(text):
+                value = str.__new__(UID, text.decode("ascii"))  # UID() less the validation just done
+        elif vr == "CS":  # convert_string: latin-1, padding stripped, no validation
+            if b"\\" not in raw:
+                value = raw.decode("latin-1").rstrip(" \x00")
+        elif vr == "LO":  # convert_text: per the character set, validated, padding stripped
+            if ascii_text and len(raw) <= _LO_MAX and _ASCII_TEXT.fullmatch(raw):
+                value = raw.decode("ascii").rstrip("\x00 ")
+        elif vr == "US":  # convert_numbers: a single little endian value is an int
+            if length == 2:
+                value = raw[0] | raw[1] << 8
+        elif vr == "IS":  # convert_IS_string: latin-1, padding stripped, IS()
+            text = raw.rstrip(b" \x00")
+            if _IS_VALUE.fullmatch(text):
+                value = IS(text.decode("ascii"))
+        if value is _NOT_PLAIN:
+            elements[spec.tag] = _raw_element(spec.tag, raw_vr, raw, value_pos, implicit)
+        else:
+            elements[spec.tag] = _plain_element(spec.tag, vr, value, value_pos, validation_mode)
+            values[spec.keyword] = value
     ds = _new_dataset(elements)
     ds.set_original_encoding(implicit, True, encoding)
     for spec in _SPECS.values():  # as _read_header: pydicom converts the others now, so that a malformed one fails now
@@ -808,33 +832,35 @@ def _header_dataset(data: bytes, found: dict[int, _Found], implicit: bool) -> tu
     return ds, values
 
 
-def _element_value(
-    data: bytes,
-    spec: _Spec,
-    element: _Found,
-    implicit: bool,
-    ascii_text: bool,
-    plain: bool,
-    elements: dict[BaseTag, DataElement | RawDataElement],
-    values: dict[str, Any],
-) -> Any:
-    """Adds the element to ``elements`` (and its value to ``values``) as a DataElement when
-    its value is plain, else as the RawDataElement pydicom's reader makes; returns the value,
-    or ``_NOT_PLAIN``."""
-    raw_vr, value_pos, length = element
-    raw = data[value_pos : value_pos + length]
-    value: Any = _NOT_PLAIN
-    if plain and (raw_vr is None or raw_vr == spec.raw_vr):
-        value = _fast_value(spec.vr, raw, ascii_text) if length else empty_value_for_VR(spec.vr)
-    if value is _NOT_PLAIN or spec.vr == "SQ":
-        vr = None if raw_vr is None else raw_vr.decode("ascii")
-        if not length:
-            raw = empty_value_for_VR(vr, raw=True)
-        elements[spec.tag] = RawDataElement(spec.tag, vr, length, raw, value_pos, implicit, True)
-        return _NOT_PLAIN
-    elements[spec.tag] = DataElement(spec.tag, spec.vr, value, value_pos, False, already_converted=True)
-    values[spec.keyword] = value
-    return value
+def _raw_element(tag: BaseTag, raw_vr: bytes | None, raw: bytes, value_pos: int, implicit: bool) -> RawDataElement:
+    """The RawDataElement pydicom's reader makes of a little endian element of defined length."""
+    vr = None if raw_vr is None else raw_vr.decode("ascii")
+    return RawDataElement(tag, vr, len(raw), raw if raw else empty_value_for_VR(vr, raw=True), value_pos, implicit, True)
+
+
+# the instance attributes of a DataElement that ``_plain_element`` sets
+_ELEMENT_ATTRIBUTES = ("tag", "VR", "validation_mode", "_value", "file_tell", "is_undefined_length", "private_creator")
+_ELEMENT_BY_STATE: bool = (
+    tuple(vars(DataElement(BaseTag(0x00100020), "LO", "", 0, False, already_converted=True))) == _ELEMENT_ATTRIBUTES
+)
+
+
+def _plain_element(tag: BaseTag, vr: str, value: Any, value_pos: int, validation_mode: int) -> DataElement:
+    """``DataElement(tag, vr, value, value_pos, already_converted=True)`` as ``convert_raw_data_element``
+    makes it; its ``__init__`` costs twice as much as setting the attributes it sets."""
+    if not _ELEMENT_BY_STATE:  # another pydicom version: its own constructor
+        return DataElement(tag, vr, value, value_pos, False, already_converted=True, validation_mode=validation_mode)
+    element = object.__new__(DataElement)
+    element.__dict__ = {
+        "tag": tag,
+        "VR": vr,
+        "validation_mode": validation_mode,
+        "_value": value,
+        "file_tell": value_pos,
+        "is_undefined_length": False,
+        "private_creator": None,
+    }
+    return element
 
 
 def _dataset_state() -> tuple[tuple[str, Any], ...] | None:
