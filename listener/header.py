@@ -18,7 +18,7 @@ from typing import Any, NamedTuple
 from pydicom import config as pydicom_config
 from pydicom import dcmread
 from pydicom import hooks as pydicom_hooks
-from pydicom.charset import convert_encodings, default_encoding
+from pydicom.charset import convert_encodings, default_encoding, python_encoding
 from pydicom.datadict import dictionary_VR, tag_for_keyword
 from pydicom.dataelem import (
     DataElement,
@@ -32,6 +32,7 @@ from pydicom.filereader import ENCODED_VR
 from pydicom.tag import BaseTag
 from pydicom.uid import UID, PrivateTransferSyntaxes
 from pydicom.valuerep import EXPLICIT_VR_LENGTH_32, IS
+from pydicom.values import convert_string
 from pynetdicom import PYNETDICOM_IMPLEMENTATION_UID, PYNETDICOM_IMPLEMENTATION_VERSION
 
 from listener.dimse import STATUS_BAD_UID, STATUS_CANNOT_UNDERSTAND, STATUS_TOO_LARGE
@@ -736,12 +737,26 @@ _UI_VALUE = re.compile(rb"(?:0|[1-9][0-9]*)(?:\.(?:0|[1-9][0-9]*))*")
 _ASCII_TEXT = re.compile(rb"[\x20-\x5B\x5D-\x7E]*\x00*")
 _IS_VALUE = re.compile(rb"[0-9]{1,12}")
 _LO_MAX = 64
-# Specific Character Set values whose Python codec decodes printable ASCII as ASCII (no
-# ISO 2022 code extensions, no Shift JIS whose 0x5C some codecs read as a yen sign)
-_ASCII_CHARSETS: frozenset[str] = frozenset({
-    "", "ISO_IR 6", "ISO_IR 100", "ISO_IR 101", "ISO_IR 109", "ISO_IR 110", "ISO_IR 126", "ISO_IR 127",
-    "ISO_IR 138", "ISO_IR 144", "ISO_IR 148", "ISO_IR 166", "ISO_IR 203", "ISO_IR 192", "GB18030", "GBK",
-})
+
+
+def _ascii_charsets() -> frozenset[str]:
+    """The Specific Character Set values whose codec decodes printable ASCII as ASCII (no ISO
+    2022 code extensions, no Shift JIS whose 0x5C some codecs read as a yen sign), of those
+    this pydicom knows: for another one it warns on every text value, and falls back."""
+    terms = ("", "ISO_IR 6", "ISO_IR 100", "ISO_IR 101", "ISO_IR 109", "ISO_IR 110", "ISO_IR 126",
+             "ISO_IR 127", "ISO_IR 138", "ISO_IR 144", "ISO_IR 148", "ISO_IR 166", "ISO_IR 192", "GB18030", "GBK")
+    ascii_bytes = bytes(range(0x20, 0x7F))
+    known = set()
+    for term in terms:
+        try:
+            if ascii_bytes.decode(python_encoding[term]) == ascii_bytes.decode("ascii"):
+                known.add(term)
+        except (KeyError, LookupError):
+            continue
+    return frozenset(known)
+
+
+_ASCII_CHARSETS = _ascii_charsets()
 
 
 class _NotPlain:
@@ -786,7 +801,8 @@ def _header_dataset(data: bytes, found: dict[int, _Found], implicit: bool) -> tu
             value = raw.decode("latin-1").rstrip(" \x00") if length else empty_value_for_VR("CS")
             elements[spec.tag] = _plain_element(spec.tag, "CS", value, value_pos, validation_mode)
             values[spec.keyword] = value
-        else:
+        else:  # as pydicom's reader: its element generator decodes it first, whatever the VR
+            convert_encodings(convert_string(raw, True))
             elements[spec.tag] = _raw_element(spec.tag, raw_vr, raw, value_pos, implicit)
             value = convert_raw_data_element(elements[spec.tag]).value  # type: ignore[arg-type]
         encoding = convert_encodings(value)

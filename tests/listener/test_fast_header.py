@@ -3,24 +3,36 @@
 Over every pydicom test file (as the listener receives it: preamble, File Meta with group
 length, data set), re-encoded where pydicom can in both little endian transfer syntaxes,
 and over random truncations and byte flips of each: the same ObjectHeader fields, the same
-header values, the same classification, or the same InvalidObjectError status and reason.
+header values (with their types, VRs and offsets, and the data set's encoding), the same
+classification, or the same InvalidObjectError status and reason.
 """
 
 from __future__ import annotations
 
 import random
 import warnings
+from collections.abc import Callable
 from io import BytesIO
 from pathlib import Path
 
 import pydicom
 import pydicom.data
 import pytest
+from pydicom.datadict import tag_for_keyword
+from pydicom.dataset import Dataset
+from pydicom.multival import MultiValue
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
 from listener.classify import classify
 from listener.config import ReportConfig
-from listener.header import HEADER_TAGS, InvalidObjectError, ObjectHeader, _fast_elements, parse_header, parse_header_reference
+from listener.header import (
+    HEADER_TAGS,
+    InvalidObjectError,
+    ObjectHeader,
+    _fast_elements,
+    parse_header,
+    parse_header_reference,
+)
 
 _MAX_PIXELS = 10**12
 
@@ -46,24 +58,36 @@ def _encodings(path: Path) -> list[bytes]:
                 copy.file_meta.TransferSyntaxUID = syntax
             buf = BytesIO()
             copy.save_as(buf, enforce_file_format=True)
-        except Exception:  # noqa: BLE001
+        except Exception:  # noqa: BLE001, S112 - not re-encodable: the other encodings are still compared
             continue
         out.append(buf.getvalue())
     return out
 
 
-def _outcome(parse, data: bytes) -> tuple:  # noqa: ANN001
+def _outcome(parse: Callable[..., ObjectHeader], data: bytes) -> tuple:
     try:
-        header: ObjectHeader = parse(data, max_pixels=_MAX_PIXELS)
+        header = parse(data, max_pixels=_MAX_PIXELS)
     except InvalidObjectError as exc:
         return ("refused", exc.status, exc.reason)
-    values = tuple((k, header.dataset.get(k)) for k in HEADER_TAGS)
+    values = tuple((k, header.dataset.get(k), _element_detail(header.dataset, k)) for k in HEADER_TAGS)
+    encoding = (header.dataset._read_implicit, header.dataset._read_little, header.dataset.original_character_set)
     fields = (
         header.sop_class_uid, header.sop_instance_uid, header.study_instance_uid, header.series_instance_uid,
         header.transfer_syntax_uid, header.patient_id, header.modality, header.pixels,
     )
     cfg = ReportConfig()
-    return ("accepted", fields, values, classify(header.dataset, cfg))
+    return ("accepted", fields, values, encoding, classify(header.dataset, cfg))
+
+
+def _element_detail(ds: Dataset, keyword: str) -> tuple | None:
+    """What else of a header element may differ between two equal values: types, VR, offset."""
+    tag = tag_for_keyword(keyword)
+    if tag is None or tag not in ds:
+        return None
+    element = ds[tag]
+    value = element.value
+    types = [type(v).__name__ for v in value] if isinstance(value, MultiValue) else None
+    return (type(value).__name__, types, element.VR, element.file_tell, element.is_undefined_length)
 
 
 def _check(data: bytes) -> bool:
