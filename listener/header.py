@@ -439,6 +439,9 @@ _U32_LE = struct.Struct("<L")
 _IMPLICIT_ELEMENT = struct.Struct("<HHL")
 _EXPLICIT_ELEMENT = struct.Struct("<HH2sH")
 _LONG_VR: frozenset[bytes] = frozenset(vr.encode("ascii") for vr in EXPLICIT_VR_LENGTH_32)
+_SHORT_VR: frozenset[bytes] = _ENCODED_VR - _LONG_VR
+_VR_LENGTH = struct.Struct("<4x2sH")  # (VR, 2-byte length) of an explicit VR element
+_IMPLICIT_LENGTH = struct.Struct("<4xL")
 _GROUP_LENGTH_HEADER = b"\x02\x00\x00\x00UL\x04\x00"
 _LE_EXPLICIT = _Encoding(implicit=False, tag="<HH", short="<H", long="<L")
 _LE_IMPLICIT = _Encoding(implicit=True, tag="<HH", short="<H", long="<L")
@@ -556,7 +559,7 @@ def _fast_explicit_header(data: bytes, pos: int) -> tuple[dict[int, _Found], int
     found: dict[int, _Found] = {}
     unpack = _EXPLICIT_ELEMENT.unpack_from
     long_length = _U32_LE.unpack_from
-    long_vr, short_vr, wanted = _LONG_VR, _ENCODED_VR, _HEADER_TAG_SET
+    short_vr, long_vr, wanted = _SHORT_VR, _LONG_VR, _HEADER_TAG_SET
     try:
         while True:
             group, element, vr, length = unpack(data, pos)
@@ -565,9 +568,15 @@ def _fast_explicit_header(data: bytes, pos: int) -> tuple[dict[int, _Found], int
                 if group == 0xFFFE:
                     raise _Unsure
                 return found, pos
-            if vr in long_vr:
-                if not group:
+            if vr in short_vr:  # most elements: tested first
+                if tag in wanted:
+                    found[tag] = (vr, pos + 8, length)
+                elif not group:
                     raise _Unsure  # a command group element: pydicom reads it otherwise
+                pos += 8 + length
+            elif vr in long_vr:
+                if not group:
+                    raise _Unsure
                 length = long_length(data, pos + 8)[0]
                 if length == _UNDEFINED:
                     if tag in wanted or vr != b"SQ":
@@ -577,12 +586,6 @@ def _fast_explicit_header(data: bytes, pos: int) -> tuple[dict[int, _Found], int
                 if tag in wanted:
                     found[tag] = (vr, pos + 12, length)
                 pos += 12 + length
-            elif vr in short_vr:
-                if tag in wanted:
-                    found[tag] = (vr, pos + 8, length)
-                elif not group:
-                    raise _Unsure  # a command group element: pydicom reads it otherwise
-                pos += 8 + length
             else:
                 raise _Unsure  # a VR pydicom does not know: it would guess the encoding
     except struct.error:
@@ -625,9 +628,9 @@ def _rest_complete(data: bytes, pos: int, implicit: bool) -> bool:
     complete and followable (as the reference path needs it to be), walking as it does."""
     try:
         if implicit:
-            unpack_implicit = _IMPLICIT_ELEMENT.unpack_from
+            unpack_length = _IMPLICIT_LENGTH.unpack_from
             while True:
-                length = unpack_implicit(data, pos)[2]
+                (length,) = unpack_length(data, pos)
                 if length == _UNDEFINED:
                     after = _skip_sequence(data, pos + 8, _LE_IMPLICIT, 0)
                     if after is None:
@@ -635,11 +638,11 @@ def _rest_complete(data: bytes, pos: int, implicit: bool) -> bool:
                     pos = after
                 else:
                     pos += 8 + length
-        unpack = _EXPLICIT_ELEMENT.unpack_from
+        unpack = _VR_LENGTH.unpack_from
         long_length = _U32_LE.unpack_from
         long_vr = _VR_LONG  # the reference walk's test (a VR it does not know has a short header there)
         while True:
-            vr, length = unpack(data, pos)[2:]
+            vr, length = unpack(data, pos)
             if vr in long_vr:
                 length = long_length(data, pos + 8)[0]
                 if length == _UNDEFINED:
