@@ -901,14 +901,40 @@ def _dataset_state() -> tuple[tuple[str, Any], ...] | None:
 
 _DATASET_STATE = _dataset_state()
 _DICT_ATTRIBUTES: frozenset[str] = frozenset(name for name, value in vars(Dataset()).items() if isinstance(value, dict))
+_KEYWORD_TAGS: MappingProxyType[str, BaseTag] = MappingProxyType({spec.keyword: spec.tag for spec in _SPECS.values()})
+
+
+class _HeaderDataset(Dataset):
+    """The fast path's header data set: a Dataset whose ``get`` and ``in`` of a header keyword
+    (what ``classify`` asks, a dozen times an object) look in its elements directly, where
+    ``Dataset`` goes through ``__getattr__``, the keyword dictionary and ``Tag`` (microseconds
+    each); anything else, and an element pydicom has yet to convert, is left to Dataset."""
+
+    def get(self, key: Any, default: Any | None = None) -> Any:
+        if type(key) is str:
+            tag = _KEYWORD_TAGS.get(key)
+            if tag is not None:
+                element = self._dict.get(tag)
+                if element is None:
+                    return default
+                if type(element) is DataElement:
+                    return element.value
+        return super().get(key, default)
+
+    def __contains__(self, name: Any) -> bool:
+        if type(name) is str:
+            tag = _KEYWORD_TAGS.get(name)
+            if tag is not None:
+                return tag in self._dict
+        return super().__contains__(name)
 
 
 def _new_dataset(elements: dict[BaseTag, DataElement | RawDataElement]) -> Dataset:
     """``Dataset(elements)``: its ``__init__`` sets a dozen attributes through ``Dataset.__setattr__``,
     which costs more than the rest of the fast path's data set; this sets the same ones directly."""
     if _DATASET_STATE is None:
-        return Dataset(elements)
-    ds = Dataset.__new__(Dataset)
+        return _HeaderDataset(elements)
+    ds = _HeaderDataset.__new__(_HeaderDataset)
     state = ds.__dict__
     for name, value in _DATASET_STATE:
         state[name] = dict(value) if name in _DICT_ATTRIBUTES else value

@@ -28,6 +28,7 @@ from listener.classify import classify
 from listener.config import ReportConfig
 from listener.header import (
     _ELEMENT_BY_STATE,
+    HEADER_TAGS,
     InvalidObjectError,
     ObjectHeader,
     _fast_elements,
@@ -310,3 +311,22 @@ def test_data_sets_and_elements_are_set_up_as_pydicom_does() -> None:
     assert vars(_plain_element(tag, "LO", "PID", 12, mode)) == vars(
         DataElement(tag, "LO", "PID", 12, False, already_converted=True)
     )
+
+
+def test_header_dataset_lookups_equal_datasets() -> None:
+    """The fast path's data set answers ``get`` and ``in`` as a plain Dataset does."""
+    changes: dict[int, tuple[str, bytes] | None] = {0x00280008: None, 0x00080060: ("CS", b"CT\\MR")}
+    for implicit in (False, True):
+        ds = parse_header(_object(changes, implicit), max_pixels=10**12).dataset
+        assert isinstance(ds, Dataset)
+        keys: list[object] = [*HEADER_TAGS, "PatientName", "BitsAllocated", "NotAKeyword", "file_meta", 0x00080018,
+                              (0x0028, 0x0010), BaseTag(0x00280011), 0x00280008]
+        for key in keys:
+            assert ds.get(key, "absent") == Dataset.get(ds, key, "absent"), key  # type: ignore[arg-type]
+            if key not in ("NotAKeyword", "file_meta"):  # pydicom warns about those, in both
+                assert (key in ds) == Dataset.__contains__(ds, key), key  # type: ignore[arg-type]
+        ds.Modality = "OT"  # a Dataset still: set, delete, read back
+        assert ds.get("Modality") == "OT"
+        del ds.Rows
+        assert "Rows" not in ds
+        assert ds.get("Rows") is None
