@@ -484,21 +484,21 @@ def _fast_elements(data: bytes) -> tuple[dict[int, _Found], bool, str] | None:
 def _fast_meta(data: bytes, start: int) -> str:
     """The Transfer Syntax UID of a File Meta group that pydicom reads exactly to ``start``."""
     pos, previous, transfer_syntax = 144, 0x00020000, None
+    unpack = _EXPLICIT_ELEMENT.unpack_from
     while pos < start:
         if pos + 8 > start:
             raise _Unsure
-        group, element = _TAG_LE.unpack_from(data, pos)
+        group, element, vr, length = unpack(data, pos)
         tag = group << 16 | element
         if group != 0x0002 or tag <= previous:
             raise _Unsure
         previous = tag
-        vr = data[pos + 4 : pos + 6]
-        if vr not in _ENCODED_VR:
-            raise _Unsure
-        if vr.decode("ascii") in EXPLICIT_VR_LENGTH_32:
+        if vr in _SHORT_VR:
+            pos += 8
+        elif vr in _LONG_VR:
             length, pos = _U32_LE.unpack_from(data, pos + 8)[0], pos + 12
         else:
-            length, pos = _U16_LE.unpack_from(data, pos + 6)[0], pos + 8
+            raise _Unsure
         if length == _UNDEFINED or pos + length > start:
             raise _Unsure
         if tag == 0x00020010:
@@ -506,7 +506,7 @@ def _fast_meta(data: bytes, start: int) -> str:
         pos += length
     if pos != start or transfer_syntax is None or not _UID.fullmatch(transfer_syntax):
         raise _Unsure
-    if _U16_LE.unpack_from(data, start)[0] in (0x0000, 0x0002):  # pydicom reads a command set or more meta
+    if data[start + 1] == 0 and data[start] in (0x00, 0x02):  # pydicom reads a command set or more meta
         raise _Unsure
     return transfer_syntax
 
