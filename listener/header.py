@@ -843,8 +843,7 @@ def _header_dataset(data: bytes, found: dict[int, _Found], implicit: bool) -> tu
         else:
             elements[spec.tag] = _plain_element(spec.tag, vr, value, value_pos, validation_mode)
             values[spec.keyword] = value
-    ds = _new_dataset(elements)
-    ds.set_original_encoding(implicit, True, encoding)
+    ds = _new_dataset(elements, implicit, encoding)
     for spec in _SPECS.values():  # as _read_header: pydicom converts the others now, so that a malformed one fails now
         if spec.keyword not in values and spec.tag in elements:
             values[spec.keyword] = ds.get(spec.keyword)
@@ -882,25 +881,37 @@ def _plain_element(tag: BaseTag, vr: str, value: Any, value_pos: int, validation
     return element
 
 
-def _dataset_state() -> tuple[tuple[str, Any], ...] | None:
-    """The instance attributes ``Dataset()`` sets, less ``_dict`` (dicts as item tuples), or None
-    when one is of a kind ``_new_dataset`` could not copy faithfully."""
+def _dataset_state() -> tuple[tuple[tuple[str, Any], ...], tuple[tuple[str, tuple[Any, ...]], ...]] | None:
+    """The instance attributes ``Dataset()`` sets, less ``_dict``: (scalars, dicts as item tuples);
+    None when one is of a kind ``_new_dataset`` could not copy faithfully."""
     scalar = (str, bool, int, type(None))
-    state: list[tuple[str, Any]] = []
+    scalars: list[tuple[str, Any]] = []
+    dicts: list[tuple[str, tuple[Any, ...]]] = []
     for name, value in vars(Dataset()).items():
         if name == "_dict":
             continue
         if isinstance(value, dict) and all(isinstance(item, scalar) for item in value.values()):
-            state.append((name, tuple(value.items())))
+            dicts.append((name, tuple(value.items())))
         elif isinstance(value, scalar):
-            state.append((name, value))
+            scalars.append((name, value))
         else:
             return None
-    return tuple(state)
+    return tuple(scalars), tuple(dicts)
+
+
+def _encoding_attributes() -> tuple[str, str, str] | None:
+    """The attributes ``Dataset.set_original_encoding(implicit, little, charset)`` sets, in that
+    order, when it sets just these; else None."""
+    probe = Dataset()
+    before = dict(vars(probe))
+    probe.set_original_encoding(True, False, "probe")
+    changed = {name: value for name, value in vars(probe).items() if before.get(name, before) != value}
+    expected = {"_read_implicit": True, "_read_little": False, "_read_charset": "probe"}
+    return ("_read_implicit", "_read_little", "_read_charset") if changed == expected else None
 
 
 _DATASET_STATE = _dataset_state()
-_DICT_ATTRIBUTES: frozenset[str] = frozenset(name for name, value in vars(Dataset()).items() if isinstance(value, dict))
+_ENCODING_ATTRIBUTES = _encoding_attributes()
 _KEYWORD_TAGS: MappingProxyType[str, BaseTag] = MappingProxyType({spec.keyword: spec.tag for spec in _SPECS.values()})
 
 
@@ -929,14 +940,25 @@ class _HeaderDataset(Dataset):
         return super().__contains__(name)
 
 
-def _new_dataset(elements: dict[BaseTag, DataElement | RawDataElement]) -> Dataset:
-    """``Dataset(elements)``: its ``__init__`` sets a dozen attributes through ``Dataset.__setattr__``,
-    which costs more than the rest of the fast path's data set; this sets the same ones directly."""
-    if _DATASET_STATE is None:
-        return _HeaderDataset(elements)
+def _new_dataset(
+    elements: dict[BaseTag, DataElement | RawDataElement], implicit: bool, encoding: str | list[str]
+) -> Dataset:
+    """``Dataset(elements)`` with ``set_original_encoding(implicit, True, encoding)``: its
+    ``__init__`` sets a dozen attributes through ``Dataset.__setattr__``, which costs more than
+    the rest of the fast path's data set; this sets the same ones directly."""
+    if _DATASET_STATE is None or _ENCODING_ATTRIBUTES is None:  # another pydicom: its own way
+        ds = _HeaderDataset(elements)
+        ds.set_original_encoding(implicit, True, encoding)
+        return ds
     ds = _HeaderDataset.__new__(_HeaderDataset)
     state = ds.__dict__
-    for name, value in _DATASET_STATE:
-        state[name] = dict(value) if name in _DICT_ATTRIBUTES else value
+    scalars, dicts = _DATASET_STATE
+    state.update(scalars)
+    for name, items in dicts:
+        state[name] = dict(items)
     state["_dict"] = elements
+    read_implicit, read_little, read_charset = _ENCODING_ATTRIBUTES
+    state[read_implicit] = implicit
+    state[read_little] = True
+    state[read_charset] = encoding
     return ds

@@ -27,7 +27,9 @@ from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from listener.classify import classify
 from listener.config import ReportConfig
 from listener.header import (
+    _DATASET_STATE,
     _ELEMENT_BY_STATE,
+    _ENCODING_ATTRIBUTES,
     HEADER_TAGS,
     InvalidObjectError,
     ObjectHeader,
@@ -301,11 +303,14 @@ def test_the_fast_path_takes_plain_headers() -> None:
 
 
 def test_data_sets_and_elements_are_set_up_as_pydicom_does() -> None:
-    reference = Dataset({})
-    built = _new_dataset({})
-    assert vars(built) == vars(reference)
-    assert vars(built)["_private_blocks"] is not vars(_new_dataset({}))["_private_blocks"]  # never shared
+    for implicit, encoding in ((False, "iso8859"), (True, ["latin_1"]), (False, ["iso8859", "iso2022_jp"])):
+        reference = Dataset({})
+        reference.set_original_encoding(implicit, True, encoding)
+        built = _new_dataset({}, implicit, encoding)
+        assert vars(built) == vars(reference)
+        assert vars(built)["_private_blocks"] is not vars(_new_dataset({}, implicit, encoding))["_private_blocks"]
     assert _ELEMENT_BY_STATE  # this pydicom's DataElement: the fast set-up is the one in use
+    assert _DATASET_STATE is not None and _ENCODING_ATTRIBUTES is not None  # and this pydicom's Dataset
     tag = BaseTag(0x00100020)
     mode = pydicom_config.settings.reading_validation_mode
     assert vars(_plain_element(tag, "LO", "PID", 12, mode)) == vars(
