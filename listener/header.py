@@ -1,8 +1,9 @@
 """What the listener reads of a received object: a few header elements, validated.
 
 The data set is never decoded as a whole: a walk over the element headers finds where
-the header tags end, and pydicom parses only those bytes. The File Meta header the
-spool file gets is built here too.
+the header tags end, and pydicom parses only those bytes; in the common case the walk
+collects the header elements itself and only their values that are not plain go to
+pydicom. The File Meta header the spool file gets is built here too.
 """
 
 from __future__ import annotations
