@@ -12,6 +12,7 @@ took the object.
 from __future__ import annotations
 
 import random
+import re
 import struct
 import warnings
 from collections.abc import Callable, Iterator
@@ -34,6 +35,7 @@ from listener.header import (
     InvalidObjectError,
     ObjectHeader,
     _fast_elements,
+    _is_uid_text,
     _new_dataset,
     _plain_element,
     file_meta_bytes,
@@ -335,3 +337,12 @@ def test_header_dataset_lookups_equal_datasets() -> None:
         del ds.Rows
         assert "Rows" not in ds
         assert ds.get("Rows") is None
+
+
+def test_uid_text_test_equals_the_uid_pattern() -> None:
+    pattern = re.compile(r"[0-9]+(\.[0-9]+)*")
+    rng = random.Random(7)
+    texts = ["", ".", "..", "1", "1.", ".1", "1..2", "1.2", "0.0", "1.2.3\n", "\u0663", "1.\u0663", "12.34.56", " 1", "1 "]
+    texts += ["".join(rng.choice("0123456789..\n \u0663a") for _ in range(rng.randrange(8))) for _ in range(3000)]
+    for text in texts:
+        assert _is_uid_text(text) == (pattern.fullmatch(text) is not None), repr(text)
