@@ -137,7 +137,7 @@ def _status(code: int, comment: str) -> Status:
 
 
 class StoreHandler:
-    """The C-STORE handler. Holds only immutable references, so pynetdicom may call
+    """The C-STORE handler. Holds only immutable references, so the acceptor may call
     it from many association threads at once; Spool and Repository are thread-safe."""
 
     def __init__(
