@@ -63,6 +63,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         for seed in seeds:  # warm-up: every seed stores as is
             assert client.send(seed, seed.payload) == 0, seed.name
+        # the baseline is the node once it has scored something (torch's buffers and
+        # caches allocated): the receiver processes acknowledge before the scorer runs
+        node.wait_processed(timeout=600)
         rss_before = node.rss_kib()
         rss_peak = rss_before
         started = time.monotonic()
