@@ -43,6 +43,7 @@ _STORED = b"S"
 _PR_SET_PDEATHSIG = 1
 _START_TIMEOUT_SECONDS = 60.0
 _RESTART_DELAY_SECONDS = 1.0
+_COALESCE_SECONDS = 0.005
 
 
 def _die_with_parent(parent_pid: int) -> None:
@@ -170,6 +171,10 @@ class ReceiverPool:
                     self._on_stored()
                 except Exception:  # a wake-up must never stop the reader
                     logger.exception("on_stored callback failed")
+                # Stores arriving meanwhile stay in the pipe and make one wake-up: a few
+                # ms late for the workers (who wait batch_wait_ms anyway) instead of a
+                # context switch per store on a CPU the receivers need.
+                self._stopping.wait(_COALESCE_SECONDS)
 
     def _watch(self) -> None:
         while not self._stopping.wait(0.5):
