@@ -471,6 +471,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--latency-count", type=int, default=300)
     parser.add_argument("--scorer-threads", type=int, default=2)
     parser.add_argument("--no-latency", action="store_true")
+    parser.add_argument("--no-throughput", action="store_true", help="only the latency measurements")
     parser.add_argument("--real-scorer", type=Path, metavar="BUNDLE",
                         help="also measure the latency at dski serve while its workers score a backlog with this "
                              "bundle (e.g. bundles/default), for receiver_processes 1 and the --receivers variants")
@@ -530,7 +531,7 @@ def main(argv: list[str] | None = None) -> int:
             pg = PostgresServer(max_connections=100, fsync=True).start()  # durable, as in production
             kinds += ["pg1", "pg2"]
         n = 0
-        for rep in range(args.reps):
+        for rep in range(0 if args.no_throughput else args.reps):
             for assocs in assoc_counts:
                 order = kinds if (rep + assocs) % 2 == 0 else kinds[::-1]
                 for kind in order:
@@ -553,7 +554,7 @@ def main(argv: list[str] | None = None) -> int:
         if pg is not None:
             pg.stop()
         summary = {}
-        for assocs in assoc_counts:
+        for assocs in assoc_counts if not args.no_throughput else []:
             rates = {
                 kind: [r["instances_per_s"] for r in result["runs"] if r["receiver"] == kind and r["associations"] == assocs]
                 for kind in ("node", "storescp")
