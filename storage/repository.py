@@ -647,29 +647,11 @@ class Repository:
         PostgreSQL a concurrent insert of the same object waits for the other
         transaction instead of failing, so no retry path is needed.
         """
-        at = now if obj.received_at is None else aware_utc(obj.received_at, "received_at")
-        path = Path(obj.spool_path).as_posix()
+        values = self._instance_values(obj, now)
+        path = values["spool_path"]
         new_id = conn.execute(
             stmts.insert_instance,
-            {
-                "sop_instance_uid": obj.sop_instance_uid,
-                "sop_class_uid": obj.sop_class_uid,
-                "study_instance_uid": obj.study_instance_uid,
-                "series_instance_uid": obj.series_instance_uid,
-                "patient_id": obj.patient_id,
-                "modality": obj.modality,
-                "transfer_syntax_uid": obj.transfer_syntax_uid,
-                "calling_ae": obj.calling_ae,
-                "peer_address": obj.peer_address,
-                "received_at": at,
-                "status": obj.status,
-                "status_reason": obj.reason,
-                "spool_path": path,
-                "sha256": obj.sha256,
-                "size_bytes": obj.size_bytes,
-                "attempts": 0,
-                "node_id": self.node_id,
-            },
+            values,
         ).scalar()
         if new_id is not None:
             event = _event_row(
