@@ -36,12 +36,7 @@ from pydicom import dcmread
 from pydicom.uid import DeflatedExplicitVRLittleEndian
 
 from listener.config import NodeConfig
-from storage.errors import (
-    DatabaseUnavailableError,
-    InvalidTransitionError,
-    NotFoundError,
-    SpoolError,
-)
+from storage.errors import DatabaseUnavailableError, InvalidTransitionError, NotFoundError, SpoolError
 from storage.repository import InstanceRecord, VerdictInput
 
 logger = logging.getLogger(__name__)

@@ -52,12 +52,7 @@ from listener.report import (
     warm_up,
     write_report,
 )
-from storage.errors import (
-    DatabaseUnavailableError,
-    InvalidTransitionError,
-    NotFoundError,
-    SpoolError,
-)
+from storage.errors import DatabaseUnavailableError, InvalidTransitionError, NotFoundError, SpoolError
 
 logger = logging.getLogger(__name__)
 

@@ -106,7 +106,8 @@ def env(tiny_bundle: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator
                     "shutdown_grace_seconds": 5,
                 },
                 "storage": {"min_free_bytes": 0},
-                "detector": {"bundle": str(tiny_bundle), "batch_size": 4},
+                # nice 0: the node runs in the test process, whose later tests must not inherit it
+                "detector": {"bundle": str(tiny_bundle), "batch_size": 4, "nice": 0},
                 "processing": {"series_idle_seconds": 2, "poll_interval_seconds": 0.2},
                 "dispatch": {
                     "destinations": [
