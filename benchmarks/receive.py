@@ -270,12 +270,7 @@ class NodeReceiver:
         self.port = free_port()
         self.scorer_threads = scorer_threads
         root.mkdir(parents=True, exist_ok=True)
-        log_path = root / "node.log"
-        for n in range(1, 100):  # several receiver processes may share one root
-            if not log_path.exists():
-                break
-            log_path = root / f"node-{n}.log"
-        self.log = open(log_path, "wb")
+        self.log = open(root / "node.log", "wb")
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "benchmarks.receive", "--serve-bare" if bare else "--serve-node", str(root),
              str(self.port), "--scorer-threads", str(scorer_threads),

@@ -80,7 +80,6 @@ class StoreRequest:
     peer: Peer
     command: Command
     transfer_syntax_uid: str
-    abstract_syntax_uid: str
     data_set: bytes
 
 
@@ -101,22 +100,64 @@ class AcceptorSettings:
     max_pdu_bytes: int  # what we accept per PDU (0: no limit)
 
 
+@dataclass(frozen=True)
 class AcceptorCallbacks:
     """What the acceptor asks the node: is this peer allowed, and store this object."""
 
-    def __init__(
-        self,
-        permits: Callable[[str, str], bool],
-        store: Callable[[StoreRequest], Status],
-        on_response: Callable[[Command, Status], None] | None = None,
-    ) -> None:
-        self.permits = permits
-        self.store = store
-        self.on_response = on_response  # an observer, called just before a response is sent
+    permits: Callable[[str, str], bool]  # (calling AE title, peer address)
+    store: Callable[[StoreRequest], Status]
+    on_response: Callable[[Command, Status], None] | None = None  # observes each response before it is sent
 
 
 class _Aborted(Exception):
-    """The association is over (aborted by either side, or its transport failed)."""
+    """The association is over: released, rejected or aborted, and already answered."""
+
+
+class _MessageAssembler:
+    """Puts DIMSE messages together from presentation data values (PS3.8 9.3.5, PS3.7 E.2):
+    a command, then its data set when it has one, each in fragments on one context."""
+
+    def __init__(self, contexts: dict[int, PresentationContext]) -> None:
+        self._contexts = contexts
+        self._command_parts: list[memoryview] = []
+        self._data_parts: list[memoryview] = []
+        self._pending: tuple[int, Command] | None = None  # a command whose data set is arriving
+
+    @property
+    def inside(self) -> bool:
+        """A message has started and is not complete."""
+        return self._pending is not None or bool(self._command_parts)
+
+    def add(self, pdv: ul.PDV) -> tuple[int, PresentationContext, Command, bytes] | None:
+        """The complete message (context ID, context, command, data set) this PDV ends, if any."""
+        context = self._contexts.get(pdv.context_id)
+        if context is None:
+            raise ul.ProtocolError(ul.ABORT_INVALID_PARAMETER, f"presentation context {pdv.context_id} was not accepted")
+        if pdv.is_command:
+            if self._pending is not None:
+                raise ul.ProtocolError(ul.ABORT_UNEXPECTED_PARAMETER, "command fragment inside a data set")
+            self._command_parts.append(pdv.fragment)
+            if not pdv.is_last:
+                return None
+            try:
+                command = decode_command(b"".join(self._command_parts))
+            except CommandError as exc:
+                raise ul.ProtocolError(ul.ABORT_INVALID_PARAMETER, f"command set: {exc}") from exc
+            self._command_parts.clear()
+            if command.has_data_set:
+                self._pending = (pdv.context_id, command)
+                return None
+            return pdv.context_id, context, command, b""
+        if self._pending is None or self._pending[0] != pdv.context_id:
+            raise ul.ProtocolError(ul.ABORT_UNEXPECTED_PARAMETER, "data set fragment without its command")
+        self._data_parts.append(pdv.fragment)
+        if not pdv.is_last:
+            return None
+        context_id, command = self._pending
+        self._pending = None
+        data = b"".join(self._data_parts)
+        self._data_parts.clear()
+        return context_id, context, command, data
 
 
 class _Association:
@@ -294,47 +335,17 @@ class _Association:
 
     def _serve(self, stream: Any, contexts: dict[int, PresentationContext], peer_max_pdu: int) -> None:
         settings = self._settings
-        limit = settings.max_pdu_bytes
-        command_parts: list[memoryview] = []
-        data_parts: list[memoryview] = []
-        pending: tuple[int, Command] | None = None  # a command whose data set is arriving
+        messages = _MessageAssembler(contexts)
         self._conn.settimeout(settings.network_timeout)
         while True:
-            pdu = ul.read_pdu(stream, limit)
+            pdu = ul.read_pdu(stream, settings.max_pdu_bytes)
             if pdu.type == ul.P_DATA_TF:
                 for pdv in ul.iter_pdvs(pdu.body):
-                    if pdv.context_id not in contexts:
-                        raise ul.ProtocolError(
-                            ul.ABORT_INVALID_PARAMETER, f"presentation context {pdv.context_id} was not accepted"
-                        )
-                    if pdv.is_command:
-                        if pending is not None:
-                            raise ul.ProtocolError(ul.ABORT_UNEXPECTED_PARAMETER, "command fragment inside a data set")
-                        command_parts.append(pdv.fragment)
-                        if not pdv.is_last:
-                            continue
-                        try:
-                            command = decode_command(b"".join(command_parts))
-                        except CommandError as exc:
-                            raise ul.ProtocolError(ul.ABORT_INVALID_PARAMETER, f"command set: {exc}") from exc
-                        command_parts.clear()
-                        if command.has_data_set:
-                            pending = (pdv.context_id, command)
-                        else:
-                            self._dispatch(contexts[pdv.context_id], pdv.context_id, command, b"", peer_max_pdu)
-                    else:
-                        if pending is None or pending[0] != pdv.context_id:
-                            raise ul.ProtocolError(ul.ABORT_UNEXPECTED_PARAMETER, "data set fragment without its command")
-                        data_parts.append(pdv.fragment)
-                        if pdv.is_last:
-                            context_id, command = pending
-                            pending = None
-                            data = b"".join(data_parts)
-                            data_parts.clear()
-                            self._dispatch(contexts[context_id], context_id, command, data, peer_max_pdu)
+                    message = messages.add(pdv)
+                    if message is not None:
+                        self._dispatch(*message, peer_max_pdu)
                 # inside a message the DIMSE timeout applies, between messages the network one
-                inside = pending is not None or bool(command_parts)
-                self._conn.settimeout(settings.dimse_timeout if inside else settings.network_timeout)
+                self._conn.settimeout(settings.dimse_timeout if messages.inside else settings.network_timeout)
             elif pdu.type == ul.A_RELEASE_RQ:
                 self._send(ul.release_rp())
                 logger.info("association released", extra=self._fields())
@@ -346,7 +357,7 @@ class _Association:
                 raise ul.ProtocolError(ul.ABORT_UNEXPECTED_PDU, f"unexpected PDU type 0x{pdu.type:02X}")
 
     def _dispatch(
-        self, context: PresentationContext, context_id: int, command: Command, data: bytes, peer_max_pdu: int
+        self, context_id: int, context: PresentationContext, command: Command, data: bytes, peer_max_pdu: int
     ) -> None:
         if not command.is_request or command.command_field == C_CANCEL_RQ:
             return  # nothing to answer: a stray response, or a cancel of nothing we run asynchronously
@@ -358,7 +369,6 @@ class _Association:
                 peer=self.peer,
                 command=command,
                 transfer_syntax_uid=str(context.transfer_syntax[0]),
-                abstract_syntax_uid=str(context.abstract_syntax),
                 data_set=data,
             ))
             self.stores += 1

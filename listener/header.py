@@ -442,7 +442,6 @@ def file_meta_bytes(sop_class_uid: str, sop_instance_uid: str, transfer_syntax_u
 _ENCODED_VR: frozenset[bytes] = frozenset(vr for vr in ENCODED_VR if len(vr) == 2)
 _HEADER_TAG_SET: frozenset[int] = frozenset(int(tag_for_keyword(k) or 0) for k in HEADER_TAGS) | {0x00080005}
 _CHARSET_TAG = 0x00080005
-_EXPLICIT_LE_UID = "1.2.840.10008.1.2.1"
 _TAG_LE = struct.Struct("<HH")
 _U16_LE = struct.Struct("<H")
 _U32_LE = struct.Struct("<L")
