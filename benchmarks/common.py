@@ -208,3 +208,20 @@ def descendants(pid: int) -> list[int]:
             found.extend(children)
             stack.extend(children)
     return found
+
+
+def tree_memory(pid: int, keys: Sequence[str] = ("VmRSS", "VmHWM")) -> dict[str, int]:
+    """``keys`` of ``/proc/PID/status`` in bytes, summed over a process and its descendants
+    (a node with its receiver processes). Pages they share count once per process, and
+    peaks (VmHWM) of different processes are added as if they coincided: upper bounds."""
+    out = dict.fromkeys(keys, 0)
+    for member in [pid, *descendants(pid)]:
+        try:
+            with open(f"/proc/{member}/status") as fh:
+                for line in fh:
+                    key, _, value = line.partition(":")
+                    if key in out:
+                        out[key] += int(value.split()[0]) * 1024
+        except OSError:  # it exited meanwhile
+            pass
+    return out

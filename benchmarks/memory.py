@@ -53,7 +53,7 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-from benchmarks.common import descendants, machine_facts, make_ct_instances, write_json
+from benchmarks.common import machine_facts, make_ct_instances, tree_memory, write_json
 
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT_BUNDLE = REPO / "bundles" / "default"
@@ -113,28 +113,9 @@ def build_vit_b16_bundle(root: Path, *, seed: int = 0, bank_size: int = 1000) ->
 # --------------------------------------------------------------------------- sampling
 
 
-def _one_status(pid: int) -> dict[str, int]:
-    out: dict[str, int] = {}
-    with open(f"/proc/{pid}/status") as fh:
-        for line in fh:
-            key, _, value = line.partition(":")
-            if key in ("VmRSS", "VmHWM"):
-                out[key] = int(value.split()[0]) * 1024
-    return out
-
-
 def proc_status(pid: int) -> dict[str, int]:
-    """VmRSS and VmHWM in bytes (``/proc/PID/status`` gives kB) of the node process and its
-    receiver processes, summed: pages they share count once per process, and the peaks
-    of different processes are added as if they coincided, so both are upper bounds."""
-    out = {"VmRSS": 0, "VmHWM": 0}
-    for member in [pid, *descendants(pid)]:
-        try:
-            for key, value in _one_status(member).items():
-                out[key] += value
-        except OSError:  # it exited meanwhile
-            pass
-    return out
+    """VmRSS and VmHWM in bytes of the node process and its receiver processes, summed."""
+    return tree_memory(pid)
 
 
 def counts(db_path: Path) -> dict[str, int]:

@@ -35,7 +35,7 @@ from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.dsutils import encode
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
-from benchmarks.common import descendants
+from benchmarks.common import tree_memory
 from listener.config import NodeConfig, parse_config
 from listener.dimse import (
     STATUS_BAD_UID,
@@ -95,15 +95,8 @@ def rss_kib(pid: int | str = "self") -> int:
 
 
 def tree_rss_kib(pid: int) -> int:
-    """VmRSS of a process and all its descendants (a node with its receiver processes);
-    pages shared between them count once per process, so this is an upper bound."""
-    total = 0
-    for member in [pid, *descendants(pid)]:
-        try:
-            total += rss_kib(member)
-        except (OSError, RuntimeError):  # it exited meanwhile
-            pass
-    return total
+    """VmRSS in KiB of a process and all its descendants (a node with its receiver processes)."""
+    return tree_memory(pid, ("VmRSS",))["VmRSS"] // 1024
 
 
 # --------------------------------------------------------------------------- the listener
