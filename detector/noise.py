@@ -77,10 +77,34 @@ class SRMResidual(nn.Module):
         if per_channel:
             k = k.repeat(in_channels, 1, 1, 1)  # grouped: channel c -> outputs 3c..3c+2
         self.register_buffer("kernels", k, persistent=False)
+        if per_channel:
+            self.register_buffer("dense", self._block_diagonal(k, in_channels), persistent=False)
 
     @property
     def out_channels(self) -> int:
         return 3 * self.in_channels if self.per_channel else 3
+
+    @property
+    def kernel_size(self) -> int:
+        return int(self.kernels.shape[-1])
+
+    def dense_kernels(self) -> torch.Tensor:
+        """The per-channel filtering as one dense (3·C, C, 5, 5) weight, zero off the diagonal blocks.
+
+        Lets a caller stack these kernels with another filter bank of the same size into
+        a single convolution; the zeros contribute exact zeros, so the output is the same.
+        """
+        if not self.per_channel:
+            raise ValueError("dense_kernels needs per_channel=True (the channel mean is not a block-diagonal filter)")
+        return self.dense
+
+    @staticmethod
+    def _block_diagonal(grouped: torch.Tensor, in_channels: int) -> torch.Tensor:
+        per = grouped.shape[0] // in_channels
+        dense = grouped.new_zeros(grouped.shape[0], in_channels, *grouped.shape[-2:])
+        for i in range(in_channels):
+            dense[per * i:per * (i + 1), i] = grouped[per * i:per * (i + 1), 0]
+        return dense
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.per_channel:

