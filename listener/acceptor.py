@@ -41,6 +41,7 @@ from pynetdicom.pdu_primitives import (
 from pynetdicom.presentation import PresentationContext, negotiate_as_acceptor
 
 from listener import upper_layer as ul
+from listener.association_count import SharedAssociationCount
 from listener.dimse import (
     C_CANCEL_RQ,
     C_ECHO_RQ,
@@ -405,11 +406,15 @@ class AssociationAcceptor:
         callbacks: AcceptorCallbacks,
         *,
         ssl_context: ssl.SSLContext | None = None,
+        shared_count: SharedAssociationCount | None = None,
     ) -> None:
+        """``shared_count``: where several processes serve one listening socket, the
+        associations of all of them against ``settings.max_associations``."""
         self.settings = settings
         self.contexts = list(contexts)
         self.callbacks = callbacks
         self.ssl_context = ssl_context
+        self.shared_count = shared_count
         self._lock = threading.Lock()
         self._open: set[_Association] = set()
         self._established: set[_Association] = set()
@@ -456,13 +461,18 @@ class AssociationAcceptor:
         with self._lock:
             if len(self._established) >= self.settings.max_associations:
                 return False
+            if self.shared_count is not None and not self.shared_count.try_admit():
+                return False
             self._established.add(association)
             return True
 
     def _finished(self, association: _Association) -> None:
         with self._lock:
             self._open.discard(association)
-            self._established.discard(association)
+            if association in self._established:
+                self._established.discard(association)
+                if self.shared_count is not None:
+                    self.shared_count.release()
             self._idle.notify_all()
 
     def active_associations(self) -> int:

@@ -34,6 +34,7 @@ from multiprocessing.connection import Connection
 from typing import Any
 
 from listener.acceptor import listening_socket
+from listener.association_count import SharedAssociationCount
 from listener.config import NodeConfig
 
 logger = logging.getLogger(__name__)
@@ -57,8 +58,17 @@ def _die_with_parent(parent_pid: int) -> None:
         os._exit(1)
 
 
-def receiver_main(cfg: NodeConfig, listening: socket.socket, notify: Connection, index: int, parent_pid: int) -> None:
-    """A receiver process: serve ``listening`` until SIGTERM."""
+def receiver_main(
+    cfg: NodeConfig,
+    listening: socket.socket,
+    notify: Connection,
+    index: int,
+    parent_pid: int,
+    association_counts: Any,
+    association_lock: Any,
+) -> None:
+    """A receiver process: serve ``listening`` until SIGTERM, counting its associations in
+    slot ``index`` of the node's shared ``association_counts``."""
     _die_with_parent(parent_pid)
     from listener.logging_setup import configure as configure_logging
     from listener.scp import StorageSCP
@@ -85,7 +95,8 @@ def receiver_main(cfg: NodeConfig, listening: socket.socket, notify: Connection,
     spool = Spool(cfg.storage.spool_dir, cfg.storage.min_free_bytes)
     repo = Repository(db, node_id=spool.node_id)
     scp = StorageSCP(cfg, spool, repo, on_stored=stored)
-    scp.start(listening=listening)
+    shared = SharedAssociationCount(association_counts, association_lock, index, cfg.listener.max_associations)
+    scp.start(listening=listening, shared_count=shared)
     logger.info("receiver process ready", extra={"receiver": index, "pid": os.getpid()})
     os.set_blocking(fd, True)
     os.write(fd, _READY)
@@ -115,6 +126,8 @@ class ReceiverPool:
         self._ready = threading.Semaphore(0)
         self._threads: list[threading.Thread] = []
         self._lock = threading.Lock()
+        # one max_associations for the node, not one per receiver (listener.association_count)
+        self._association_counts, self._association_lock = SharedAssociationCount.allocate(self._context, count)
 
     @property
     def address(self) -> tuple[str, int]:
@@ -146,7 +159,8 @@ class ReceiverPool:
     def _spawn(self, index: int) -> None:
         process = self._context.Process(
             target=receiver_main,
-            args=(self._cfg, self._socket, self._writer, index, os.getpid()),
+            args=(self._cfg, self._socket, self._writer, index, os.getpid(),
+                  self._association_counts, self._association_lock),
             name=f"dski-receiver-{index}",
             daemon=False,
         )
@@ -186,9 +200,15 @@ class ReceiverPool:
                     extra={"receiver": index, "exitcode": process.exitcode},
                 )
                 time.sleep(_RESTART_DELAY_SECONDS)  # a child failing at start must not spin
+                # its associations died with it; a lock it held stays held (see association_count)
+                SharedAssociationCount.reset(self._association_counts, index)
                 with self._lock:
                     if not self._stopping.is_set():
                         self._spawn(index)
+
+    def established_associations(self) -> int:
+        """Associations open now in all receivers together."""
+        return int(sum(self._association_counts))
 
     def pids(self) -> list[int]:
         return [p.pid for p in self._processes if p is not None and p.pid is not None]

@@ -63,6 +63,7 @@ from listener.acceptor import (
     StoreRequest,
     listening_socket,
 )
+from listener.association_count import SharedAssociationCount
 from listener.classify import Classification, classify
 from listener.config import ListenerConfig, NodeConfig, ReportConfig
 from listener.dimse import (
@@ -391,9 +392,11 @@ class StorageSCP:
         self,
         on_response: Callable[[Command, Status], None] | None = None,
         listening: socket.socket | None = None,
+        shared_count: SharedAssociationCount | None = None,
     ) -> None:
         """Bind (or take ``listening``, already bound) and serve; ``on_response`` observes
-        every response just before it is sent (e.g. in tests)."""
+        every response just before it is sent (e.g. in tests); ``shared_count``: the
+        node-wide association count when several receiver processes share ``listening``."""
         with self._lock:
             if self._acceptor is not None:
                 return
@@ -402,6 +405,7 @@ class StorageSCP:
                 supported_contexts(),
                 AcceptorCallbacks(self._policy.permits, self._handler, on_response),
                 ssl_context=_server_ssl_context(self._cfg),
+                shared_count=shared_count,
             )
             acceptor.start(listening or listening_socket(self._cfg.host, self._cfg.port))
             self._acceptor = acceptor

@@ -152,3 +152,35 @@ def test_receivers_die_with_a_killed_node(tmp_path: Path) -> None:
         assert echoscu(node.port, aet="ECHOSCU", called_aet=AET).returncode == 0
     finally:
         node.stop()
+
+
+def test_max_associations_holds_for_the_node_not_per_receiver(tmp_path: Path) -> None:
+    """Two receivers, max_associations 3: six association requests get three associations in
+    all, wherever the kernel hands the connections, and a released one frees a slot."""
+    from pynetdicom import AE
+    from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
+
+    cfg = _config(tmp_path, free_port())
+    cfg = cfg.model_copy(update={"listener": cfg.listener.model_copy(update={"max_associations": 3})})
+    Database(cfg.storage.database_url).migrate()
+    pool = ReceiverPool(cfg, 2, on_stored=lambda: None)
+    pool.start()
+    ae = AE(ae_title="ECHOSCU")
+    ae.add_requested_context(Verification)
+    held = []
+    try:
+        attempts = [ae.associate("127.0.0.1", pool.address[1], ae_title=AET) for _ in range(6)]
+        held = [a for a in attempts if a.is_established]
+        assert len(held) == 3, [a.is_rejected for a in attempts]
+        assert sum(a.is_rejected for a in attempts) == 3
+        assert pool.established_associations() == 3
+        assert all(a.send_c_echo().Status == 0 for a in held)
+        held.pop().release()
+        _wait(lambda: pool.established_associations() == 2, 5, "the released association to be counted out")
+        again = ae.associate("127.0.0.1", pool.address[1], ae_title=AET)
+        assert again.is_established
+        held.append(again)
+    finally:
+        for a in held:
+            a.release()
+        pool.stop()
