@@ -11,8 +11,9 @@ into
 
 - (a) **node**: the node's receive path laid out as ``dski serve`` lays it out
   (``--serve-node``, below): a node process that binds the port and starts
-  ``listener.receiver_processes`` receiver processes (``listener.receivers``; 1 as
-  shipped, other values with ``--receivers``, 0 = the listener inside the node process),
+  ``listener.receiver_processes`` receiver processes (``listener.receivers``; the
+  configuration's default as shipped, other values with ``--receivers``, 0 = the
+  listener inside the node process),
   each running ``listener.scp.StorageSCP`` on ``listener.acceptor`` with the real
   ``storage.spool.Spool`` (temp name, fsync, atomic rename, directory fsync) and the real
   ``Repository`` on SQLite (WAL, ``synchronous=FULL``, one committed row before each
@@ -90,15 +91,24 @@ NODE_AET = "DSKI"
 # --------------------------------------------------------------------------- node receiver process
 
 
-def node_config(root: Path, port: int, database_url: str | None = None, receivers: int = 1) -> dict[str, Any]:
+def shipped_receivers() -> int:
+    """``listener.receiver_processes`` of the configuration's defaults: the node as shipped."""
+    from listener.config import ListenerConfig
+
+    return int(ListenerConfig.model_fields["receiver_processes"].default)
+
+
+def node_config(root: Path, port: int, database_url: str | None = None, receivers: int | None = None) -> dict[str, Any]:
+    """The benchmark node's configuration; ``receivers`` None keeps the shipped default."""
     listener: dict[str, Any] = {
         "ae_title": NODE_AET,
         "host": "127.0.0.1",
         "port": port,
         "calling_aes": [{"ae_title": "STORESCU", "host": "127.0.0.1"}],
         "max_associations": 16,
-        "receiver_processes": receivers,
     }
+    if receivers is not None:
+        listener["receiver_processes"] = receivers
     return {
         "listener": listener,
         "storage": {
@@ -189,7 +199,7 @@ def serve_node(
     scorer_threads: int,
     database_url: str | None = None,
     switch_interval: float | None = None,
-    receivers: int = 1,
+    receivers: int | None = None,
 ) -> int:
     """The node's receive path (listener + spool + SQLite repository) until stdin closes,
     laid out as ``dski serve`` lays it out: ``receivers`` receiver processes
@@ -206,6 +216,7 @@ def serve_node(
     from storage.spool import Spool
 
     cfg = parse_config(node_config(root, port, database_url, receivers))
+    receivers = cfg.listener.receiver_processes
     configure_logging(cfg.logging)
     if switch_interval is not None:
         sys.setswitchinterval(switch_interval)
@@ -334,7 +345,7 @@ def throughput_run(
         receivers = [NodeReceiver(root, repo=reference)]
     elif kind.startswith("bare-"):  # "bare-pynetdicom", "bare-acceptor": success at once
         receivers = [NodeReceiver(root, bare=kind[5:])]
-    elif kind == "node":  # as shipped: listener.receiver_processes 1
+    elif kind == "node":  # as shipped: the default listener.receiver_processes
         receivers = [NodeReceiver(root)]
     else:  # "nodeK": listener.receiver_processes K (0: the listener in the node process)
         receivers = [NodeReceiver(root, receivers=int(kind[4:]))]
@@ -469,7 +480,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-throughput", action="store_true", help="only the latency measurements")
     parser.add_argument("--real-scorer", type=Path, metavar="BUNDLE",
                         help="also measure the latency at dski serve while its workers score a backlog with this "
-                             "bundle (e.g. bundles/default), for receiver_processes 1 and the --receivers variants")
+                             "bundle (e.g. bundles/default), for the shipped receiver_processes and the --receivers variants")
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "out" / "receive.json")
     parser.add_argument("--postgres", action="store_true",
                         help="also run 1 and 2 node processes on one throwaway PostgreSQL database (pg1, pg2)")
@@ -492,7 +503,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.serve_node:
         return serve_node(Path(args.serve_node[0]), int(args.serve_node[1]), args.scorer_threads, args.database_url,
-                          args.switch_interval, int(args.receivers or 1))
+                          args.switch_interval, int(args.receivers) if args.receivers else None)
     if args.serve_bare:
         return serve_bare(Path(args.serve_bare[0]), int(args.serve_bare[1]), args.bare_kind)
 
@@ -585,14 +596,15 @@ def main(argv: list[str] | None = None) -> int:
                                 switch_interval=args.switch_interval)
                 )
             for k in receiver_variants:
-                if k != 1:
+                if k != shipped_receivers():
                     result["latency"] += [
                         latency_run(base / f"latency-idle-{k}", lat_files, 0, receivers=k),
                         latency_run(base / f"latency-loaded-{k}", lat_files, args.scorer_threads, receivers=k),
                     ]
             if args.real_scorer:
                 backlog, timed = files[args.latency_count:], files[: args.latency_count]
-                for k in [1, *(k for k in receiver_variants if k != 1)]:
+                shipped = shipped_receivers()
+                for k in [shipped, *(k for k in receiver_variants if k != shipped)]:
                     result["latency"].append(real_scorer_latency_run(
                         base / f"latency-real-{k}", backlog, timed, args.real_scorer.absolute(),
                         args.scorer_threads, k,
