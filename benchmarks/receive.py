@@ -526,7 +526,7 @@ def main(argv: list[str] | None = None) -> int:
         pg = None
         kinds = ["node", "storescp"]
         receiver_variants = [int(k) for k in args.receivers.split(",") if k.strip()] if args.receivers else []
-        kinds += [f"node{k}" for k in receiver_variants if k != 1]
+        kinds += [f"node{k}" for k in receiver_variants if k != shipped_receivers()]
         kinds += ["bare-pynetdicom"] if args.bare_pynetdicom else []
         kinds += ["bare-acceptor"] if args.bare_acceptor else []
         kinds += ["reference"] if args.reference_repo else []
