@@ -10,6 +10,8 @@ PostgreSQL works unchanged (``postgresql+psycopg://...``).
 from __future__ import annotations
 
 import logging
+import sqlite3
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -35,6 +37,7 @@ BUSY_TIMEOUT_MS = 30_000
 _BEGIN_OPTION = "dski_sqlite_begin"
 # PostgreSQL advisory lock key serialising concurrent migrate() calls ("DSKI" in ASCII).
 _MIGRATE_LOCK = 0x44534B49
+_WAL_SWITCH_RETRY_SECONDS = 0.01
 
 
 class Database:
@@ -93,9 +96,9 @@ class Database:
             dbapi_connection.isolation_level = None
             cursor = dbapi_connection.cursor()
             try:
-                cursor.execute("PRAGMA journal_mode=WAL")
-                cursor.execute("PRAGMA synchronous=FULL")
                 cursor.execute(f"PRAGMA busy_timeout={int(busy_timeout_ms)}")
+                _switch_to_wal(cursor, busy_timeout_ms / 1000)
+                cursor.execute("PRAGMA synchronous=FULL")
                 cursor.execute("PRAGMA foreign_keys=ON")
             finally:
                 cursor.close()
@@ -168,3 +171,23 @@ class Database:
 
     def dispose(self) -> None:
         self.engine.dispose()
+
+
+def _switch_to_wal(cursor: sqlite3.Cursor, timeout_seconds: float) -> None:
+    """``PRAGMA journal_mode=WAL``, retried while another connection holds the lock it needs.
+
+    Switching a new database file to WAL takes an exclusive lock, and SQLite answers
+    "database is locked" at once, without its busy handler (which could deadlock there),
+    when two connections switch the same new file together: several node or receiver
+    processes, or CLI commands, opening a fresh database at the same moment. Once the
+    file is in WAL mode the pragma only reads the mode, so this retries only that first race.
+    """
+    deadline = time.monotonic() + timeout_seconds
+    while True:
+        try:
+            cursor.execute("PRAGMA journal_mode=WAL")
+            return
+        except sqlite3.OperationalError as exc:
+            if "locked" not in str(exc) or time.monotonic() >= deadline:
+                raise
+            time.sleep(_WAL_SWITCH_RETRY_SECONDS)

@@ -1,8 +1,11 @@
 from __future__ import annotations
 
+import sqlite3
 import threading
+import time
 from pathlib import Path
 
+import pytest
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
 from sqlalchemy import inspect, text
@@ -66,6 +69,40 @@ def test_concurrent_migrate_on_one_file(tmp_path: Path) -> None:
         t.join()
     assert errors == []
     assert Database(url).current_revision() == "0002"
+
+
+class _LockedCursor:
+    """A cursor whose first ``locked`` WAL switches fail as two new connections' would."""
+
+    def __init__(self, locked: int, message: str = "database is locked") -> None:
+        self.locked = locked
+        self.message = message
+        self.calls = 0
+
+    def execute(self, sql: str) -> None:
+        assert sql == "PRAGMA journal_mode=WAL"
+        self.calls += 1
+        if self.calls <= self.locked:
+            raise sqlite3.OperationalError(self.message)
+
+
+def test_the_wal_switch_is_retried_while_locked_then_gives_up() -> None:
+    # The race itself (SQLite answering "locked" without its busy handler) is what
+    # test_concurrent_migrate_on_one_file met about once in 150 runs before the retry.
+    from storage.database import _switch_to_wal
+
+    cursor = _LockedCursor(locked=3)
+    _switch_to_wal(cursor, timeout_seconds=5)  # type: ignore[arg-type]
+    assert cursor.calls == 4
+    stuck = _LockedCursor(locked=10**6)
+    started = time.monotonic()
+    with pytest.raises(sqlite3.OperationalError, match="locked"):
+        _switch_to_wal(stuck, timeout_seconds=0.2)  # type: ignore[arg-type]
+    assert 0.2 <= time.monotonic() - started < 5
+    other = _LockedCursor(locked=1, message="disk I/O error")
+    with pytest.raises(sqlite3.OperationalError, match="disk I/O"):
+        _switch_to_wal(other, timeout_seconds=5)  # type: ignore[arg-type]
+    assert other.calls == 1  # only the lock race is retried
 
 
 def test_migrations_are_package_files() -> None:
