@@ -3,7 +3,7 @@ reduced-precision inference paths against fp32.
 
     python -m benchmarks.detect [--models vit-b-16,default] [--batches 1,8] [--reps 5]
         [--candidates bf16,int8-dynamic,bf16-autocast,threads-1,compile]
-        [--accuracy-data DIR] [--no-throughput] [--no-precision] [--out benchmarks/out/detect.json]
+        [--accuracy-data DIR] [--no-throughput] [--no-precision] [--parts] [--out benchmarks/out/detect.json]
 
 Models:
 
@@ -35,6 +35,13 @@ the embedding) against fp32 on the same random batch. On the default bundle, als
 images (``--accuracy-data``: a folder of ``benchmarks.generate`` output, plus pydicom's test
 files): max |score difference|, label agreement, and AUC with and without MFRM for fp32 and
 the candidate.
+
+Parts (part 3, ``--parts``): where the DSKI step's time goes, per model at batch
+``--parts-batch`` (8): the bare backbone, the adapted ViT given precomputed noise tokens
+(``DSKIModel.adapted_embedding``), the noise encoder and, inside it, its residual filters,
+the head with softmax, and the retrieval query, each timed alternately as in part 1
+(milliseconds per batch), with the floating-point operations per image that
+``torch.utils.flop_counter`` counts for the backbone, the adapted ViT and the noise encoder.
 
 Every measurement records the load average (``os.getloadavg``) before and after; the machine
 facts go into the JSON result.
@@ -218,6 +225,72 @@ def ratio_of(res: dict[str, Any], num: str, den: str) -> float:
     """Median of the per-repetition ratios ``num/den`` (paired runs, robust to drifting load)."""
     a, b = res["images_per_s"][num], res["images_per_s"][den]
     return statistics.median(x / y for x, y in zip(a, b))
+
+
+# --------------------------------------------------------------------------- part 3
+def flops_per_image(fn: Callable[[], Any], batch: int, modules: list[nn.Module]) -> float:
+    """Floating-point operations of one call of ``fn`` per image, as ``torch.utils.flop_counter``
+    counts them (matmuls, attention and convolutions; elementwise work is not counted).
+
+    ``modules`` are switched to training mode for the count (no gradients): in eval mode
+    ``nn.MultiheadAttention`` runs a fused kernel the counter has no formula for, and the
+    attention would be left out. The arithmetic is the same in both modes.
+    """
+    from torch.utils.flop_counter import FlopCounterMode
+
+    modes = [m.training for m in modules]
+    try:
+        for m in modules:
+            m.train(True)
+        with torch.no_grad(), FlopCounterMode(display=False) as counter:
+            fn()
+    finally:
+        for m, mode in zip(modules, modes, strict=True):
+            m.train(mode)
+    return counter.get_total_flops() / batch
+
+
+def parts(setup: Setup, batch: int, reps: int, target_s: float) -> dict[str, Any]:
+    """Time each part of the DSKI step against the bare backbone, same run, rotating the order."""
+    model, clip = setup.model, bare_backbone(setup.model)
+    semantic, noise, modality = inputs(setup, batch)
+    with torch.inference_mode():
+        tokens = model.noise_encoder(noise)
+        emb = model.embed(semantic, noise)
+    emb_np = emb.numpy().astype(np.float32)
+
+    def timed(fn: Callable[[], Any]) -> Callable[[], Any]:
+        def call() -> Any:
+            with torch.inference_mode():
+                return fn()
+        return call
+
+    variants = {
+        "backbone": timed(lambda: clip.encode_image(semantic)),
+        "adapted_vit": timed(lambda: model.adapted_embedding(semantic, tokens)),
+        "noise_encoder": timed(lambda: model.noise_encoder(noise)),
+        "residuals": timed(lambda: model.noise_encoder.residuals(noise)),
+        "head": timed(lambda: torch.softmax(model.head(emb, modality).float(), dim=-1)),
+        "retrieval": lambda: setup.bank.fake_probability(emb_np, setup.k, setup.temperature),
+        "dski": lambda: dski_step(model, setup, semantic, noise, modality),
+    }
+    res = alternate(variants, batch, reps, target_s)
+    ms = {n: 1000.0 * batch / v for n, v in res["median"].items()}  # images/s -> ms per batch
+    flops = {
+        "backbone": flops_per_image(lambda: clip.encode_image(semantic), batch, [clip]),
+        # model.backbone, not model: DSKIModel.train keeps its frozen backbone in eval mode
+        "adapted_vit": flops_per_image(lambda: model.adapted_embedding(semantic, tokens), batch, [model.backbone]),
+        "noise_encoder": flops_per_image(lambda: model.noise_encoder(noise), batch, [model.noise_encoder]),
+    }
+    row = {"model": setup.name, "batch": batch, "ms_per_batch": ms, "flops_per_image": flops, **res}
+    print(f"[parts] {setup.name}, batch {batch}, ms per batch (median of {reps}): "
+          + ", ".join(f"{n} {v:.2f}" for n, v in ms.items())
+          + f"; adapters = adapted ViT - backbone {ms['adapted_vit'] - ms['backbone']:.2f}", flush=True)
+    print(f"[parts] {setup.name}: GFLOP per image: backbone {flops['backbone'] / 1e9:.4f}, adapted ViT "
+          f"{flops['adapted_vit'] / 1e9:.4f}, noise encoder {flops['noise_encoder'] / 1e9:.4f} "
+          f"({flops['noise_encoder'] / flops['backbone']:.2f} of the backbone)  "
+          f"load {res['loadavg'][0][0]}..{res['loadavg'][-1][0]}", flush=True)
+    return row
 
 
 # --------------------------------------------------------------------------- part 1
@@ -404,6 +477,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=0, help="torch.set_num_threads (0: torch's default)")
     ap.add_argument("--no-throughput", action="store_true")
     ap.add_argument("--no-precision", action="store_true")
+    ap.add_argument("--parts", action="store_true", help="also time the parts of the DSKI step (part 3)")
+    ap.add_argument("--parts-batch", type=int, default=8)
     ap.add_argument("--out", type=Path, default=REPO / "benchmarks" / "out" / "detect.json")
     args = ap.parse_args(argv)
 
@@ -414,13 +489,15 @@ def main(argv: list[str] | None = None) -> int:
     names = [c for c in args.candidates.split(",") if c]
     result: dict[str, Any] = {"machine": machine_facts(), "torch": torch.__version__,
                               "threads": torch.get_num_threads(), "args": {k: str(v) for k, v in vars(args).items()},
-                              "throughput": [], "precision": [], "accuracy": []}
+                              "throughput": [], "precision": [], "accuracy": [], "parts": []}
     print(f"machine: {result['machine'].get('cpu_model')}, {result['machine']['cpus']} CPUs, torch "
           f"{torch.__version__}, {torch.get_num_threads()} threads, load {result['machine']['loadavg']}", flush=True)
     for m in models:
         setup = vit_b16_setup(args.noise_crop, args.bank_size) if m == "vit-b-16" else bundle_setup(args.bundle)
         if not args.no_throughput:
             result["throughput"] += throughput(setup, batches, args.reps, args.target_s)
+        if args.parts:
+            result["parts"].append(parts(setup, args.parts_batch, args.reps, args.target_s))
         if not args.no_precision and names:
             result["precision"] += precision_candidates(setup, names, args.precision_batch,
                                                         args.precision_reps, args.target_s)

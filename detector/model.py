@@ -157,7 +157,10 @@ class DSKIModel(ForensicModel):
     def image_embedding(self, semantic: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
         """The adapted CLIP image embedding, (B, D), not normalised."""
         self._check_inputs(semantic, noise, self.image_size)
-        tokens = self.noise_encoder(noise)
+        return self.adapted_embedding(semantic, self.noise_encoder(noise))
+
+    def adapted_embedding(self, semantic: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+        """The adapted ViT's embedding, (B, D), for noise ``tokens`` from ``noise_encoder``."""
         # The ViT may run in another dtype than its fp32 input (``detector.precision``, bf16).
         semantic = semantic.to(self.backbone.visual.conv1.weight.dtype)
         with self._noise_context.bind(tokens):

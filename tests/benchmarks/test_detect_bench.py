@@ -54,3 +54,26 @@ def test_random_bank() -> None:
     bank = detect.random_bank(16, 10)
     assert len(bank) == 10
     assert np.allclose(np.linalg.norm(bank.embeddings, axis=1), 1.0, atol=1e-5)
+
+
+def test_parts_time_every_part_and_count_attention(setup: detect.Setup) -> None:
+    row = detect.parts(setup, batch=2, reps=1, target_s=0.01)
+    assert set(row["ms_per_batch"]) == {"backbone", "adapted_vit", "noise_encoder", "residuals", "head",
+                                        "retrieval", "dski"}
+    assert all(v > 0 for v in row["ms_per_batch"].values())
+    flops = row["flops_per_image"]
+    # the attention is counted: in eval mode its fused kernel is invisible to the counter,
+    # which then finds fewer operations than the benchmark reports
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    clip = detect.bare_backbone(setup.model)
+    sem, _, _ = detect.inputs(setup, 2)
+    with torch.inference_mode(), FlopCounterMode(display=False) as eval_count:
+        clip.encode_image(sem)
+    assert flops["backbone"] > eval_count.get_total_flops() / 2
+    # the adapters add a little to the backbone
+    assert flops["backbone"] < flops["adapted_vit"] < 1.2 * flops["backbone"]
+    assert flops["noise_encoder"] > 0
+    # counting switched modes for a moment only
+    assert not setup.model.training and not setup.model.backbone.training
