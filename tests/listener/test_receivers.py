@@ -174,7 +174,12 @@ def test_max_associations_holds_for_the_node_not_per_receiver(tmp_path: Path) ->
         states = ["established" if a.is_established else "rejected" if a.is_rejected
                   else "aborted" if a.is_aborted else "none" for a in attempts]
         assert len(held) == 3, states
-        assert "rejected" in states, states
+        # The node answers the others with A-ASSOCIATE-RJ and closes. Under load, pynetdicom's
+        # requestor now and then handles the closed transport before the RJ and reports an
+        # abort (3 of 600 refused attempts with the CPU saturated; the node logged an RJ for each).
+        refused = sorted(state for state in states if state != "established")
+        assert refused in (["rejected"] * 3, ["aborted", "rejected", "rejected"],
+                           ["aborted", "aborted", "rejected"]), states
         assert pool.established_associations() == 3, states
         assert all(a.send_c_echo().Status == 0 for a in held)
         held.pop().release()
