@@ -490,7 +490,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="also run the node's listener.acceptor answering success at once (its ceiling)")
     parser.add_argument("--receivers", default="",
                         help="also run the node with these listener.receiver_processes values, e.g. 0,2 "
-                             "(0: the listener in the node process); the node as shipped has 1")
+                             "(0: the listener in the node process); the node as shipped has the configuration's default")
     parser.add_argument("--reference-repo", type=Path,
                         help="also run the node of this checkout (e.g. `git worktree add /tmp/ref HEAD~1`), same runs")
     parser.add_argument("--switch-interval", type=float,
@@ -526,7 +526,8 @@ def main(argv: list[str] | None = None) -> int:
         pg = None
         kinds = ["node", "storescp"]
         receiver_variants = [int(k) for k in args.receivers.split(",") if k.strip()] if args.receivers else []
-        kinds += [f"node{k}" for k in receiver_variants if k != shipped_receivers()]
+        shipped = shipped_receivers()  # "node" already runs this layout
+        kinds += [f"node{k}" for k in receiver_variants if k != shipped]
         kinds += ["bare-pynetdicom"] if args.bare_pynetdicom else []
         kinds += ["bare-acceptor"] if args.bare_acceptor else []
         kinds += ["reference"] if args.reference_repo else []
@@ -596,14 +597,13 @@ def main(argv: list[str] | None = None) -> int:
                                 switch_interval=args.switch_interval)
                 )
             for k in receiver_variants:
-                if k != shipped_receivers():
+                if k != shipped:
                     result["latency"] += [
                         latency_run(base / f"latency-idle-{k}", lat_files, 0, receivers=k),
                         latency_run(base / f"latency-loaded-{k}", lat_files, args.scorer_threads, receivers=k),
                     ]
             if args.real_scorer:
                 backlog, timed = files[args.latency_count:], files[: args.latency_count]
-                shipped = shipped_receivers()
                 for k in [shipped, *(k for k in receiver_variants if k != shipped)]:
                     result["latency"].append(real_scorer_latency_run(
                         base / f"latency-real-{k}", backlog, timed, args.real_scorer.absolute(),

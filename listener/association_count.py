@@ -69,9 +69,6 @@ class SharedAssociationCount:
         if self._counts[self._index] > 0:
             self._counts[self._index] -= 1
 
-    def total(self) -> int:
-        return int(sum(self._counts))
-
     @staticmethod
     def reset(counts: Any, index: int) -> None:
         """Forget the associations of a receiver process that died (the parent, before restarting it)."""

@@ -88,7 +88,7 @@ class _LockedCursor:
 
 def test_the_wal_switch_is_retried_while_locked_then_gives_up() -> None:
     # The race itself (SQLite answering "locked" without its busy handler) is what
-    # test_concurrent_migrate_on_one_file met about once in 150 runs before the retry.
+    # test_concurrent_migrate_on_one_file met in 2 of 550 runs before the retry.
     from storage.database import _switch_to_wal
 
     cursor = _LockedCursor(locked=3)
