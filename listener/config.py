@@ -90,12 +90,24 @@ class ListenerConfig(_Strict):
         return value
 
 
+class JournalConfig(_Strict):
+    """The write-ahead receive journal (``storage.journal``): a C-STORE is answered once the
+    object is in the journal, fsynced; its spool file and row follow in the background."""
+
+    enabled: bool = True
+    # objects above a quarter of a segment bypass the journal (the spool's own durable path)
+    segment_mib: int = Field(16, ge=1, le=1024)
+    # journaled objects not yet in the spool and database; above it stores get 0xA700
+    max_backlog_mib: int = Field(256, ge=1)
+
+
 class StorageConfig(_Strict):
     database_url: str = "sqlite:///var/dski.sqlite3"
     spool_dir: Path = Path("var/spool")
     reports_dir: Path = Path("var/reports")
     quarantine_dir: Path = Path("var/quarantine")
     min_free_bytes: int = Field(512 * 1024 * 1024, ge=0)
+    journal: JournalConfig = JournalConfig()
 
 
 class DetectorConfig(_Strict):

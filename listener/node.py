@@ -31,7 +31,7 @@ from listener.logging_setup import configure as configure_logging
 from listener.pipeline import Pipeline
 from listener.receivers import ReceiverPool
 from listener.scheduler import MAX_ANALYSIS_ATTEMPTS, Jobs, NodeScheduler
-from listener.scp import StorageSCP
+from listener.scp import StorageSCP, apply_leftover_journals
 from storage.database import Database
 from storage.repository import Repository
 from storage.spool import Spool
@@ -102,6 +102,11 @@ class Node:
         # every file without a row is an orphan of the last crash, however young, and every
         # temporary file is a write that will never finish. Without min_age=0 an orphan of a
         # crash-restart within a minute would stay in the spool until some later start.
+        # Journaled objects were acknowledged: into the spool and database before anything
+        # looks for orphans, and before a listener could append to the same journal.
+        applied = apply_leftover_journals(cfg, self.spool, self.repo)
+        if applied:
+            logger.warning("journals applied at start-up", extra={"records": applied})
         reconciled = self.repo.reconcile_spool(
             self.spool, cfg.storage.quarantine_dir, min_age=timedelta(0), temp_max_age=timedelta(0)
         )

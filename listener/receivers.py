@@ -94,7 +94,7 @@ def receiver_main(
     db = Database(cfg.storage.database_url)  # the node process migrated the schema
     spool = Spool(cfg.storage.spool_dir, cfg.storage.min_free_bytes)
     repo = Repository(db, node_id=spool.node_id)
-    scp = StorageSCP(cfg, spool, repo, on_stored=stored)
+    scp = StorageSCP(cfg, spool, repo, on_stored=stored, journal_name=f"receiver-{index}")
     shared = SharedAssociationCount(association_counts, association_lock, index, cfg.listener.max_associations)
     scp.start(listening=listening, shared_count=shared)
     logger.info("receiver process ready", extra={"receiver": index, "pid": os.getpid()})

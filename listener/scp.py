@@ -38,6 +38,7 @@ import ssl
 import threading
 from collections.abc import Callable
 from dataclasses import fields
+from pathlib import Path
 from typing import Any, Protocol
 
 from pydicom.dataset import FileMetaDataset
@@ -77,9 +78,13 @@ from listener.dimse import (
 from listener.header import InvalidObjectError, file_meta_bytes, parse_header, valid_uid
 from storage.batching import GroupCommit
 from storage.errors import DatabaseUnavailableError, SpoolError, SpoolFullError
-from storage.repository import ReceivedObject, ReceiveResult
+from storage.journal_apply import JournaledStore, JournalSettings, journal_entry
+from storage.repository import ReceivedObject, ReceiveResult, Repository
+from storage.spool import Spool
 
 logger = logging.getLogger(__name__)
+
+JOURNALS_FOLDER = ".journal"  # under the spool root; a dot folder, never taken for spool objects
 
 
 def encoded_with_meta(request: StoreRequest) -> bytes:
@@ -149,11 +154,14 @@ class StoreHandler:
         max_pixels: int,
         report_cfg: ReportConfig,
         on_stored: Callable[[], None] | None = None,
+        journal: JournaledStore | None = None,
     ) -> None:
         self._spool = spool
         self._max_pixels = max_pixels
         self._report_cfg = report_cfg
         self._on_stored = on_stored  # e.g. wake the workers; called after the commit
+        # objects that fit go through the write-ahead journal (storage.journal_apply)
+        self.journal = journal
         # concurrent associations share one database commit (storage.batching.GroupCommit)
         self._record = _receive_committer(repo)
 
@@ -197,6 +205,9 @@ class StoreHandler:
             return _status(exc.status, exc.reason)
 
         classification: Classification = classify(header.dataset, self._report_cfg)
+        journal = self.journal
+        if journal is not None and journal.fits(len(data)):
+            return self._store_journaled(journal, header, classification, data, calling_ae, peer)
 
         try:
             entry = self._spool.store(data)
@@ -251,6 +262,46 @@ class StoreHandler:
                 "calling_ae": calling_ae,
             },
         )
+        return _status(STATUS_SUCCESS, "")
+
+    def _store_journaled(
+        self,
+        journal: JournaledStore,
+        header: Any,
+        classification: Classification,
+        data: bytes,
+        calling_ae: str,
+        peer: str,
+    ) -> Status:
+        """Success once the object is in the journal, fsynced; its spool file and row follow
+        in the journal's thread, which also logs "stored instance" and calls ``on_stored``."""
+        refusal = journal.refusal(len(data))
+        if refusal is not None:
+            message = "database unavailable, store refused" if refusal == "database unavailable" else "store refused"
+            logger.error(message, extra={"calling_ae": calling_ae, "reason": refusal})
+            return _status(STATUS_OUT_OF_RESOURCES, f"out of resources: {refusal}")
+        try:
+            journal.store(journal_entry(
+                sop_instance_uid=header.sop_instance_uid,
+                sop_class_uid=header.sop_class_uid,
+                study_instance_uid=header.study_instance_uid,
+                series_instance_uid=header.series_instance_uid,
+                patient_id=header.patient_id,
+                modality=header.modality,
+                transfer_syntax_uid=header.transfer_syntax_uid,
+                calling_ae=calling_ae,
+                peer_address=peer,
+                spool_path=journal.plan(len(data)).as_posix(),
+                status="received" if classification.analyse else "skipped",
+                reason=None if classification.analyse else classification.reason,
+                kind=classification.kind,
+            ), data)
+        except SpoolFullError as exc:
+            logger.error("spool full, store refused", extra={"calling_ae": calling_ae, "reason": str(exc)})
+            return _status(STATUS_OUT_OF_RESOURCES, "out of resources: spool full")
+        except SpoolError as exc:
+            logger.error("spool write failed, store refused", extra={"calling_ae": calling_ae, "reason": str(exc)})
+            return _status(STATUS_OUT_OF_RESOURCES, "out of resources: spool write failed")
         return _status(STATUS_SUCCESS, "")
 
     def _discard(self, path: Any) -> None:
@@ -373,11 +424,14 @@ class StorageSCP:
         repo: RepositoryLike,
         *,
         on_stored: Callable[[], None] | None = None,
+        journal_name: str = "node",
     ) -> None:
         self._cfg = cfg.listener
         self._policy = AssociationPolicy(cfg.listener)
+        self._journal = _journal_for(cfg, spool, repo, journal_name, on_stored)
         self._handler = StoreHandler(
-            spool, repo, max_pixels=cfg.listener.max_pixels, report_cfg=cfg.report, on_stored=on_stored
+            spool, repo, max_pixels=cfg.listener.max_pixels, report_cfg=cfg.report, on_stored=on_stored,
+            journal=self._journal,
         )
         self._acceptor: AssociationAcceptor | None = None
         self._lock = threading.Lock()
@@ -400,6 +454,8 @@ class StorageSCP:
         with self._lock:
             if self._acceptor is not None:
                 return
+            if self._journal is not None:
+                self._open_journal(self._journal)  # applies what a crash left before the port opens
             acceptor = AssociationAcceptor(
                 acceptor_settings(self._cfg),
                 supported_contexts(),
@@ -413,6 +469,22 @@ class StorageSCP:
             "listening",
             extra={"ae_title": self._cfg.ae_title, "host": self._cfg.host, "port": self.address[1]},
         )
+
+    def _open_journal(self, journal: JournaledStore) -> None:
+        try:
+            journal.open()
+        except SpoolError as exc:
+            # the same promise without the journal: file and row before each answer
+            logger.warning(
+                "journal unavailable, stores use the direct durable path",
+                extra={"journal": str(journal.settings.directory), "reason": str(exc)},
+            )
+            self._journal = self._handler.journal = None
+
+    def wait_stored(self, timeout: float = 10.0) -> bool:
+        """Wait until every acknowledged object is in the spool and the database: at once
+        without the journal, else until its thread has applied it; False on timeout."""
+        return self._journal is None or self._journal.wait_applied(timeout)
 
     def active_associations(self) -> int:
         acceptor = self._acceptor
@@ -431,4 +503,39 @@ class StorageSCP:
         if acceptor is None:
             return
         aborted = acceptor.stop(grace)
+        if self._journal is not None:
+            self._journal.close()
         logger.info("listener stopped", extra={"aborted": aborted})
+
+
+def journal_settings(cfg: NodeConfig, spool: Spool, name: str) -> JournalSettings:
+    """Where the journal called ``name`` lives (one per receiver: ``<spool root>/.journal/NAME``)."""
+    journal = cfg.storage.journal
+    return JournalSettings(
+        directory=spool.root / JOURNALS_FOLDER / name,
+        segment_bytes=journal.segment_mib * 1024 * 1024,
+        max_backlog_bytes=journal.max_backlog_mib * 1024 * 1024,
+        quarantine_dir=Path(cfg.storage.quarantine_dir),
+    )
+
+
+def _journal_for(
+    cfg: NodeConfig, spool: SpoolLike, repo: RepositoryLike, name: str, on_stored: Callable[[], None] | None
+) -> JournaledStore | None:
+    """The journal when configured and the storage is the real one (tests wrap or fake
+    the spool and repository to watch the direct path)."""
+    if not cfg.storage.journal.enabled or not isinstance(spool, Spool) or not isinstance(repo, Repository):
+        return None
+    return JournaledStore(journal_settings(cfg, spool, name), spool, repo, on_stored=on_stored)
+
+
+def apply_leftover_journals(cfg: NodeConfig, spool: Spool, repo: Repository) -> int:
+    """Apply every journal under the spool (whatever receiver wrote it) before any listener
+    starts: a node restarted with fewer receiver processes must not leave one behind."""
+    folder = spool.root / JOURNALS_FOLDER
+    if not folder.is_dir():
+        return 0
+    found = 0
+    for child in sorted(p for p in folder.iterdir() if p.is_dir()):
+        found += JournaledStore(journal_settings(cfg, spool, child.name), spool, repo).apply_leftovers()
+    return found

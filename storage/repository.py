@@ -1139,6 +1139,37 @@ class Repository:
             row = s.get(Instance, instance_id)
             return None if row is None else instance_record(row)
 
+    def recorded_receipts(self, receipts: Iterable[tuple[str, datetime, str]]) -> set[str]:
+        """Which receipts (SOP Instance UID, time of receipt, spool path) are already recorded;
+        returns their spool paths. How a journal record applied before a crash is told from
+        one that was not (``storage.journal_apply``): a row with the same UID and time of
+        receipt (even if retention has since removed its file), or, for a duplicate, the
+        "duplicate received" event that names the record's spool path."""
+        wanted = [(uid, aware_utc(at, "received_at"), path) for uid, at, path in receipts]
+        uids = sorted({uid for uid, _, _ in wanted})
+        rows: dict[str, list[tuple[int, datetime]]] = {}
+        with self.db.read_session() as s:
+            for chunk in _chunks(uids):  # type: ignore[arg-type]
+                query = select(Instance.id, Instance.sop_instance_uid, Instance.received_at).where(
+                    Instance.sop_instance_uid.in_(chunk)
+                )
+                for instance_id, uid, at in s.execute(query):
+                    rows.setdefault(uid, []).append((instance_id, at.astimezone(timezone.utc)))
+            found: set[str] = set()
+            for uid, at, path in wanted:
+                held = rows.get(uid, [])
+                if any(row_at == at for _, row_at in held):
+                    found.add(path)
+                elif held and s.scalar(
+                    select(Event.id).where(
+                        Event.entity == "instance",
+                        Event.entity_id.in_([instance_id for instance_id, _ in held]),
+                        Event.detail.contains(json.dumps(path), autoescape=True),
+                    ).limit(1)
+                ) is not None:
+                    found.add(path)
+        return found
+
     def instances_for(self, ids: Iterable[int]) -> list[InstanceRecord]:
         """Records of these instances, ordered by id (unknown ids are left out)."""
         wanted = sorted(set(ids))

@@ -228,6 +228,48 @@ class Spool:
             raise
         return SpoolEntry(path=final.relative_to(self.root), sha256=digest.hexdigest(), size=size, absolute_path=final)
 
+    # -- journaled objects (storage.journal) -----------------------------------
+
+    def plan(self, size: int) -> Path:
+        """A new object's path relative to the root, after the free-space check for ``size``
+        bytes (``SpoolFullError``); nothing is written. The journal records the path, so
+        that applying the record again after a crash writes the same file."""
+        self.check_free_space(size)
+        now = datetime.now(timezone.utc)
+        return Path(f"{now:%Y}", f"{now:%m}", f"{now:%d}", f"{uuid.uuid4().hex}{SUFFIX}")
+
+    def write_planned(self, path: Path | str, data: bytes) -> SpoolEntry:
+        """Write a journaled object under its planned path and fsync it; the folder is made
+        durable by ``sync_folders``. No temporary name: the journal still holds the bytes,
+        so a file cut short by a crash is written again, whole, at the next start."""
+        full = self.resolve(path)
+        try:
+            self._make_folder(full.parent)
+            fd = os.open(full, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o640)
+            try:
+                view = memoryview(data)
+                while view:
+                    view = view[os.write(fd, view):]
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        except OSError as exc:
+            self._discard(full)
+            if exc.errno in _FULL_ERRNOS:
+                raise SpoolFullError(self.root, f"{os.strerror(exc.errno)} while writing {full.name}") from exc
+            raise SpoolWriteError(full, exc.strerror or str(exc)) from exc
+        return SpoolEntry(
+            path=full.relative_to(self.root), sha256=hashlib.sha256(data).hexdigest(), size=len(data),
+            absolute_path=full,
+        )
+
+    def sync_folders(self, paths: Iterable[Path | str]) -> None:
+        """fsync the folder of each path once: the entries written there become durable."""
+        try:
+            _fsync_dirs([self.resolve(p).parent for p in paths])
+        except OSError as exc:
+            raise SpoolWriteError(self.root, f"cannot fsync a spool folder: {exc.strerror or exc}") from exc
+
     def _make_folder(self, folder: Path) -> None:
         if folder.is_dir():
             return

@@ -419,6 +419,18 @@ class NodeProcess:
         root = self.spool_dir
         return {p.relative_to(root).as_posix() for p in root.rglob("*.dcm") if not p.name.startswith(".")}
 
+    def journaled_uids(self) -> set[str]:
+        """SOP Instance UIDs in the node's write-ahead journals (``storage.journal``), read from
+        the segment files: acknowledged objects that a restart applies if no row holds them yet."""
+        from storage.journal import SPARE_NAME, read_records
+        from storage.journal_apply import decode_meta
+
+        uids: set[str] = set()
+        for path in (self.spool_dir / ".journal").rglob("*.seg"):
+            if path.name != SPARE_NAME:
+                uids |= {decode_meta(r.meta).sop_instance_uid for r in read_records(path, int(path.stem, 16))}
+        return uids
+
     def spool_temp_files(self) -> list[Path]:
         return [p for p in self.spool_dir.rglob(".*.tmp")]
 

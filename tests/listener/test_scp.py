@@ -26,9 +26,11 @@ from listener.dimse import (
     Command,
 )
 from listener.header import InvalidObjectError, parse_header, valid_uid
-from listener.scp import StorageSCP
+from listener.scp import JOURNALS_FOLDER, StorageSCP
 from storage.database import Database
 from storage.errors import DatabaseUnavailableError
+from storage.journal import SPARE_NAME, read_records
+from storage.journal_apply import decode_meta
 from storage.repository import Repository
 from storage.spool import Spool
 from tests.peers import echoscu, free_port, storescu
@@ -42,9 +44,10 @@ def _testfile(name: str) -> Path:
     return Path(path)
 
 
-def _config(port: int, **listener: Any) -> NodeConfig:
+def _config(port: int, journal: bool = True, **listener: Any) -> NodeConfig:
     return parse_config(
         {
+            "storage": {"journal": {"enabled": journal}},
             "listener": {
                 "ae_title": AET,
                 "host": "127.0.0.1",
@@ -69,7 +72,11 @@ class Node:
     db_path: Path
 
     def rows(self) -> list[sqlite3.Row]:
-        """Committed rows, read through a separate connection."""
+        """Committed rows, read through a separate connection (once the journal, if any, is applied)."""
+        assert self.scp.wait_stored(10), "journal not applied within 10 s"
+        return self.committed_rows()
+
+    def committed_rows(self) -> list[sqlite3.Row]:
         con = sqlite3.connect(self.db_path)
         con.row_factory = sqlite3.Row
         try:
@@ -78,24 +85,30 @@ class Node:
             con.close()
 
     def spool_files(self) -> list[Path]:
+        assert self.scp.wait_stored(10), "journal not applied within 10 s"
         return sorted(self.spool.root / p for p in self.spool.iter_files())
 
 
-def _start(tmp_path: Path, *, repo_wrapper=None, min_free_bytes: int = 0, on_response=None, **listener: Any) -> Node:
+def _start(
+    tmp_path: Path, *, repo_wrapper=None, min_free_bytes: int = 0, on_response=None, journal: bool = True,
+    **listener: Any,
+) -> Node:
     port = free_port()
     db_path = tmp_path / "dski.sqlite3"
     db = Database(f"sqlite:///{db_path}")
     db.migrate()
     repo = Repository(db)
     spool = Spool(tmp_path / "spool", min_free_bytes)
-    scp = StorageSCP(_config(port, **listener), spool, repo_wrapper(repo) if repo_wrapper else repo)
+    scp = StorageSCP(_config(port, journal, **listener), spool, repo_wrapper(repo) if repo_wrapper else repo)
     scp.start(on_response=on_response)
     return Node(port, scp, spool, repo, db_path)
 
 
-@pytest.fixture
-def node(tmp_path: Path):
-    n = _start(tmp_path)
+# every store test runs on both durable paths: the write-ahead journal (the default) and
+# the spool file plus committed row before the response (storage.journal.enabled: false)
+@pytest.fixture(params=[True, False], ids=["journal", "direct"])
+def node(tmp_path: Path, request: pytest.FixtureRequest):
+    n = _start(tmp_path, journal=request.param)
     yield n
     n.scp.stop(grace_seconds=2)
 
@@ -140,7 +153,20 @@ def test_store_refused_before_association_for_unknown_ae(node: Node) -> None:
 # --------------------------------------------------------------------------- C-STORE
 
 
-def test_store_ct_keeps_sent_dataset_and_commits_row_before_response(tmp_path: Path) -> None:
+def _journaled_uids(spool: Spool) -> list[str]:
+    """SOP Instance UIDs of the records in the node's journal segments, read from the files."""
+    uids = []
+    for path in sorted((spool.root / JOURNALS_FOLDER).rglob("*.seg")):
+        if path.name == SPARE_NAME:
+            continue
+        uids += [decode_meta(r.meta).sop_instance_uid for r in read_records(path, int(path.stem, 16))]
+    return uids
+
+
+@pytest.mark.parametrize("journal", [True, False], ids=["journal", "direct"])
+def test_store_ct_keeps_sent_dataset_and_is_durable_before_response(tmp_path: Path, journal: bool) -> None:
+    """Direct: the row is committed before the response. Journal: the record is in a
+    segment file before the response (the row follows)."""
     seen_at_response: list[list[str]] = []
     lock = threading.Lock()
     holder: dict[str, Node] = {}
@@ -148,10 +174,13 @@ def test_store_ct_keeps_sent_dataset_and_commits_row_before_response(tmp_path: P
     def on_response(command: Command, status: Status) -> None:
         # called by the acceptor just before the response is handed to the socket
         if command.command_field == C_STORE_RQ:
+            n = holder["node"]
             with lock:
-                seen_at_response.append([r["sop_instance_uid"] for r in holder["node"].rows()])
+                seen_at_response.append(
+                    _journaled_uids(n.spool) if journal else [r["sop_instance_uid"] for r in n.committed_rows()]
+                )
 
-    n = _start(tmp_path, on_response=on_response)
+    n = _start(tmp_path, on_response=on_response, journal=journal)
     holder["node"] = n
     try:
         source = _testfile("CT_small.dcm")

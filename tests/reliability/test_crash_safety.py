@@ -53,6 +53,10 @@ PROCESSING_KILLS = 2  # the first at a random moment after the first report, the
 IDLE_SECONDS = 30.0
 
 
+def acked_uids_now_of(acked: set[Path]) -> set[str]:
+    return {sop_uid(p) for p in acked}
+
+
 def _unacked_in_db(node: NodeProcess, acked_uids: set[str]) -> set[str]:
     in_db = {r[0] for r in node.db("SELECT sop_instance_uid FROM instances")}
     return acked_uids - in_db
@@ -83,14 +87,20 @@ def test_kill9_during_receive_and_processing_loses_and_duplicates_nothing(
     node.start()
 
     def check_after_kill(what: str, extra: dict) -> None:
-        # by construction: a success status is sent only after the commit
-        missing = _unacked_in_db(node, {uid_of[p] for p in acked})
-        assert not missing, f"{len(missing)} acknowledged instances not in the database after kill ({what})"
+        # by construction: a success status is sent only once the object is in the
+        # write-ahead journal (fsynced), which the restart applies; its row may not exist yet
+        acked_uids_now = {uid_of[p] for p in acked}
+        missing = _unacked_in_db(node, acked_uids_now)
+        journaled = node.journaled_uids()
+        assert not missing - journaled, (
+            f"{len(missing - journaled)} acknowledged instances neither in the database nor in the journal "
+            f"after kill ({what})"
+        )
         counts = dict(node.db("SELECT status, count(*) FROM instances GROUP BY status"))
         reports = dict(node.db("SELECT status, count(*) FROM reports GROUP BY status"))
         known = {r[0] for r in node.db("SELECT spool_path FROM instances WHERE spool_path IS NOT NULL")}
         orphans = len(node.spool_files() - known)
-        log.append({"kill": what, "acked": len(acked), "instances": counts, "reports": reports,
+        log.append({"kill": what, "acked": len(acked), "only_in_journal": len(missing), "instances": counts, "reports": reports,
                     "orphan_files": orphans, "temp_files": len(node.spool_temp_files()), **extra})
 
     # -- kills while the study arrives (the worker analyses at the same time)
@@ -109,6 +119,8 @@ def test_kill9_during_receive_and_processing_loses_and_duplicates_nothing(
                                               "unanswered": unanswered, "sender_finished": sender_done})
         restart = node.start()
         assert restart < IDLE_SECONDS - 2, f"restart took {restart:.1f}s: raise IDLE_SECONDS"
+        # the restart applied the journal before opening the port: every acknowledged object has its row
+        assert not _unacked_in_db(node, acked_uids_now_of(acked)), f"journal not applied at restart ({k + 1})"
 
     # -- the modality sends the rest
     for _ in range(3):
@@ -281,3 +293,52 @@ def test_startup_reconciles_spool_and_database(tmp_path: Path, make_node) -> Non
         "RECONCILE "
         + json.dumps({"quarantined": len(moved), "missing_flagged": len(flagged), "temp_removed": int(not temp.exists())})
     )
+
+
+def test_startup_applies_a_journal_left_by_a_crash(tmp_path: Path, make_node) -> None:
+    """Objects a killed receiver acknowledged from its journal, before their rows were
+    written, are in the spool and database once the node is back, before it listens."""
+    from storage.database import Database
+    from storage.errors import DatabaseUnavailableError
+    from storage.journal_apply import JournaledStore, JournalSettings, journal_entry
+    from storage.spool import Spool
+
+    node: NodeProcess = make_node()
+    files = make_series(tmp_path / "objs", 3, generate_uid())
+    db = Database(node.database_url)
+    db.migrate()
+
+    class _Down:  # the receiver died before any row was written
+        def record_received_batch(self, objects):
+            raise DatabaseUnavailableError(node.database_url, "the receiver was killed first")
+
+    spool = Spool(node.spool_dir, 0)
+    settings = JournalSettings(directory=node.spool_dir / ".journal" / "receiver-1", segment_bytes=1 << 20,
+                               max_backlog_bytes=1 << 30, quarantine_dir=node.quarantine_dir)
+    journal = JournaledStore(settings, spool, _Down())  # type: ignore[arg-type]
+    journal.open()
+    for path in files:
+        data = path.read_bytes()
+        journal.store(journal_entry(
+            sop_instance_uid=sop_uid(path), sop_class_uid="1.2.840.10008.5.1.4.1.1.2", study_instance_uid="1.2.3",
+            series_instance_uid="1.2.3.4", patient_id="REL-2", modality="CT",
+            transfer_syntax_uid="1.2.840.10008.1.2.1", calling_ae="STORESCU", peer_address="127.0.0.1",
+            spool_path=journal.plan(len(data)).as_posix(), status="received", reason=None, kind="image",
+        ), data)
+    with journal._cond:  # SIGKILL: the applier thread ends, the journal is never closed
+        journal._stopping = True
+        journal._cond.notify_all()
+    journal._thread.join(10)
+    db.dispose()
+    assert node.journaled_uids() == {sop_uid(p) for p in files}
+
+    node.start()
+
+    rows = node.db("SELECT sop_instance_uid, spool_path, sha256 FROM instances")
+    assert {r["sop_instance_uid"] for r in rows} == {sop_uid(p) for p in files}
+    by_uid = {sop_uid(p): p for p in files}
+    for row in rows:
+        stored = (node.spool_dir / row["spool_path"]).read_bytes()
+        assert stored == by_uid[row["sop_instance_uid"]].read_bytes()
+    assert node.journaled_uids() == set()
+    assert "journals applied at start-up" in node.log_text()
