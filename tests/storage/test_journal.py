@@ -427,3 +427,17 @@ def _count(db_path: Path, sql: str) -> int:
         return con.execute(sql).fetchone()[0]
     finally:
         con.close()
+
+
+@pytest.mark.parametrize("path", ["../../etc/passwd", "2026/11/28/../../../x.dcm", "/abs/2026/11/28/" + "a" * 32 + ".dcm",
+                                  "2026/11/28/" + "A" * 32 + ".dcm"])
+def test_write_planned_takes_only_paths_plan_makes(tmp_path: Path, path: str) -> None:
+    from storage.errors import SpoolPathError
+
+    spool = Spool(tmp_path / "spool", 0)
+    with pytest.raises(SpoolPathError):
+        spool.write_planned(path, b"x")
+    planned = spool.plan(1)
+    entry = spool.write_planned(planned, b"x")
+    spool.sync_filesystem()
+    assert entry.path == planned and (spool.root / planned).read_bytes() == b"x"
