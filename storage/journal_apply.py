@@ -210,7 +210,8 @@ class JournaledStore:
     # -- the applier thread ----------------------------------------------------------
 
     def _run(self) -> None:
-        self._prepare_spare()
+        # the spare segment is prepared when the thread is idle (below), never ahead of a
+        # queued batch: zero-filling a segment takes tens of milliseconds
         while True:
             with self._cond:
                 if not self._queue and not self._stopping:
@@ -236,6 +237,7 @@ class JournaledStore:
                     del self._queue[:more]
             if not self._apply_with_retry(_items(batch)):
                 return  # stopping while the batch cannot be applied: the journal keeps it
+            self._prepare_spare()  # after a roll used it: the next roll is then a rename
 
     def _prepare_spare(self) -> None:
         try:

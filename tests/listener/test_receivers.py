@@ -99,7 +99,8 @@ def test_two_receivers_share_the_port_and_wake_the_node(tmp_path: Path, ct_files
         assert echoscu(port, aet="ECHOSCU", called_aet=AET).returncode == 0
         procs = [storescu(port, ct_files[i::3], aet="STORESCU", called_aet=AET) for i in range(3)]
         assert all(p.returncode == 0 for p in procs), [p.stderr for p in procs]
-        assert _rows(tmp_path) == len(ct_files)
+        # acknowledged from the receivers' journals: the rows follow within milliseconds
+        _wait(lambda: _rows(tmp_path) == len(ct_files), 10, "every acknowledged row")
         assert woken.wait(5)
     finally:
         pool.stop()
@@ -121,7 +122,7 @@ def test_a_dead_receiver_is_started_again(tmp_path: Path, ct_files: list[Path]) 
         # connections made meanwhile wait in the listening socket's backlog
         proc = storescu(pool.address[1], ct_files[:2], aet="STORESCU", called_aet=AET)
         assert proc.returncode == 0, proc.stderr
-        assert _rows(tmp_path) == 2
+        _wait(lambda: _rows(tmp_path) == 2, 10, "both rows")
     finally:
         pool.stop()
 

@@ -137,8 +137,14 @@ class ListenerHandle:
     def port(self) -> int:
         return self.scp.address[1]
 
+    def settle(self) -> None:
+        """Wait until what was acknowledged is in the spool and the database (the write-ahead
+        journal applies it within milliseconds, storage.journal_apply)."""
+        assert self.scp.wait_stored(10), "journal not applied within 10 s"
+
     def rows(self, where: str = "", *args: Any) -> list[sqlite3.Row]:
         """Committed ``instances`` rows, read through a separate connection."""
+        self.settle()
         con = sqlite3.connect(self.db_path)
         con.row_factory = sqlite3.Row
         try:
@@ -147,6 +153,7 @@ class ListenerHandle:
             con.close()
 
     def query(self, sql: str, *args: Any) -> list[sqlite3.Row]:
+        self.settle()
         con = sqlite3.connect(self.db_path)
         con.row_factory = sqlite3.Row
         try:
@@ -155,6 +162,7 @@ class ListenerHandle:
             con.close()
 
     def spool_files(self) -> list[Path]:
+        self.settle()
         return sorted(self.spool.root / p for p in self.spool.iter_files())
 
     def stop(self) -> None:

@@ -138,6 +138,7 @@ def _assert_refused(node: ListenerHandle, rsp, status: int, sop_instance: str, s
 
 def _process(node: ListenerHandle, detector) -> None:
     """The real worker pipeline, run synchronously until the queue is empty."""
+    node.settle()  # the acknowledged rows are in the database (the journal applied them)
     cfg = parse_config({"detector": {"batch_size": 8}})
     pipeline = Pipeline(node.repo, detector, node.spool, cfg)
     while pipeline.run_once("hostile-test"):
