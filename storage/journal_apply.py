@@ -37,7 +37,7 @@ from typing import Any
 from storage.errors import DatabaseUnavailableError, SpoolError
 from storage.journal import JournalRecord, ReceiveJournal
 from storage.repository import ReceivedObject, ReceiveResult, Repository
-from storage.spool import Spool
+from storage.spool import Spool, planned_path
 
 __all__ = ["JournalSettings", "JournaledStore", "decode_meta", "encode_meta"]
 
@@ -101,10 +101,6 @@ def _item(record: JournalRecord) -> _Item:
     return _Item(record, entry, datetime.fromisoformat(entry.received_at))
 
 
-def _items(records: Sequence[JournalRecord]) -> list[_Item]:
-    return [_item(r) for r in records]
-
-
 class JournaledStore:
     """The journal of one receiver and the thread that applies it.
 
@@ -142,7 +138,7 @@ class JournaledStore:
         earlier runs are applied; ``DatabaseUnavailableError`` when those cannot be."""
         records = self._journal.recover()
         if records:
-            self._apply_recovered([_item(r) for r in records])
+            self._apply_recovered(self._usable(records))
         self._journal.start()
         self._thread = threading.Thread(target=self._run, name="journal-apply", daemon=True)
         self._thread.start()
@@ -154,7 +150,7 @@ class JournaledStore:
         records = self._journal.recover()
         try:
             if records:
-                self._apply_recovered([_item(r) for r in records])
+                self._apply_recovered(self._usable(records))
         finally:
             self._journal.close()
         return len(records)
@@ -235,8 +231,14 @@ class JournaledStore:
                     more = _BATCH_MAX - len(batch)
                     batch += self._queue[:more]
                     del self._queue[:more]
-            if not self._apply_with_retry(_items(batch)):
-                return  # stopping while the batch cannot be applied: the journal keeps it
+            try:
+                if not self._apply_with_retry(self._usable(batch)):
+                    return  # stopping while the batch cannot be applied: the journal keeps it
+            except Exception:  # a bug: refuse new stores; the next start applies the batch
+                self._failure = "journal applier failed"
+                logger.exception("journal applier failed; stores are refused until the node restarts",
+                                 extra={"records": len(batch)})
+                return
             self._prepare_spare()  # after a roll used it: the next roll is then a rename
 
     def _prepare_spare(self) -> None:
@@ -262,6 +264,34 @@ class JournaledStore:
                 continue
             self._failure = None
             return True
+
+    def _usable(self, records: Sequence[JournalRecord]) -> list[_Item]:
+        """The records as items; one whose metadata cannot be read or names a path the spool
+        did not plan (a damaged or tampered journal) is set aside whole in quarantine, so
+        that it can neither block the journal nor be lost."""
+        items = []
+        for record in records:
+            try:
+                item = _item(record)
+                if not planned_path(item.entry.spool_path):
+                    raise ValueError(f"spool path {item.entry.spool_path!r} was not planned by the spool")
+            except (ValueError, TypeError) as exc:  # json.JSONDecodeError is a ValueError
+                self._set_aside(record, f"unreadable journal record: {exc}")
+                continue
+            items.append(item)
+        return items
+
+    def _set_aside(self, record: JournalRecord, reason: str) -> None:
+        folder = self.settings.quarantine_dir / datetime.now(timezone.utc).strftime("%Y-%m-%d")
+        folder.mkdir(parents=True, exist_ok=True)
+        target = folder / f"journal-{record.segment:016x}-{record.offset}.bin"
+        target.write_bytes(record.meta + b"\n" + record.data)
+        target.with_name(target.name + ".reason.json").write_text(
+            json.dumps({"reason": reason, "journal": str(self.settings.directory), "meta_bytes": len(record.meta)}),
+            encoding="utf-8",
+        )
+        logger.error("journal record set aside", extra={"path": str(target), "reason": reason})
+        self._journal.applied(record)
 
     def _apply_recovered(self, items: list[_Item]) -> None:
         """Start-up: apply what an earlier run may not have; raises if it cannot (the node

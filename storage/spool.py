@@ -70,6 +70,11 @@ class SpoolEntry:
     absolute_path: Path | None = None  # the same file, absolute (for the caller's convenience)
 
 
+def planned_path(path: str) -> bool:
+    """Whether ``path`` has the form ``Spool.plan`` gives (relative, no way out of the root)."""
+    return _PLANNED.fullmatch(path) is not None
+
+
 def _libc_syncfs(fd: int) -> int:
     """``syncfs(fd)`` from the C library (Linux); where it is missing, ``sync()``, which
     flushes every file system and so this one too."""
@@ -259,7 +264,7 @@ class Spool:
         holds the bytes, so a file cut short by a crash is written again, whole, at the
         next start."""
         rel = str(path)
-        if not _PLANNED.fullmatch(rel):  # journal records are read back from disk: never trust a path
+        if not planned_path(rel):  # journal records are read back from disk: never trust a path
             raise SpoolPathError(path, "not a path planned by Spool.plan")
         full = self.root / rel
         try:

@@ -441,3 +441,25 @@ def test_write_planned_takes_only_paths_plan_makes(tmp_path: Path, path: str) ->
     entry = spool.write_planned(planned, b"x")
     spool.sync_filesystem()
     assert entry.path == planned and (spool.root / planned).read_bytes() == b"x"
+
+
+def test_a_record_naming_a_foreign_path_is_set_aside_and_the_others_applied(
+    tmp_path: Path, database: Database, db_path: Path
+) -> None:
+    spool = Spool(tmp_path / "spool", 0)
+    repo = _Switchable(Repository(database))
+    repo.down.set()
+    store = JournaledStore(_settings(tmp_path), spool, repo)  # type: ignore[arg-type]
+    store.open()
+    good = os.urandom(5000)
+    store.store(_entry(store, "1.2.4.1", len(good)), good)
+    bad = _entry(store, "1.2.4.2", 10)
+    store.store(JournalEntry(**{**vars(bad), "spool_path": "../../etc/cron.d/x"}), b"0123456789")
+    _crash(store)
+    assert JournaledStore(_settings(tmp_path), spool, Repository(database)).apply_leftovers() == 2
+    assert [r["sop_instance_uid"] for r in _rows(db_path)] == ["1.2.4.1"]
+    (aside,) = (tmp_path / "quarantine").rglob("journal-*.bin")
+    assert aside.read_bytes().endswith(b"0123456789")
+    assert "not planned" in aside.with_name(aside.name + ".reason.json").read_text()
+    assert not (tmp_path / "etc").exists()
+    assert _all_records(_settings(tmp_path).directory) == []
