@@ -75,7 +75,13 @@ from listener.dimse import (
     STATUS_UID_MISMATCH,
     Command,
 )
-from listener.header import InvalidObjectError, file_meta_bytes, parse_header, valid_uid
+from listener.header import (
+    InvalidObjectError,
+    ObjectHeader,
+    file_meta_bytes,
+    parse_header,
+    valid_uid,
+)
 from storage.batching import GroupCommit
 from storage.errors import DatabaseUnavailableError, SpoolError, SpoolFullError
 from storage.journal_apply import JournaledStore, JournalSettings, journal_entry
@@ -135,6 +141,24 @@ def _receive_committer(repo: RepositoryLike) -> Callable[[ReceivedObject], Recei
     if callable(batch):
         return GroupCommit(batch, isolate_failures=_item_failure).submit
     return lambda obj: repo.record_received(**{f.name: getattr(obj, f.name) for f in fields(ReceivedObject)})
+
+
+def _receipt(header: ObjectHeader, classification: Classification, calling_ae: str, peer: str) -> dict[str, Any]:
+    """The fields of a new ``instances`` row that come from the object and its sender,
+    for the direct path's ``ReceivedObject`` and the journal's ``JournalEntry`` alike."""
+    return {
+        "sop_instance_uid": header.sop_instance_uid,
+        "sop_class_uid": header.sop_class_uid,
+        "study_instance_uid": header.study_instance_uid,
+        "series_instance_uid": header.series_instance_uid,
+        "patient_id": header.patient_id,
+        "modality": header.modality,
+        "transfer_syntax_uid": header.transfer_syntax_uid,
+        "calling_ae": calling_ae,
+        "peer_address": peer,
+        "status": "received" if classification.analyse else "skipped",
+        "reason": None if classification.analyse else classification.reason,
+    }
 
 
 def _status(code: int, comment: str) -> Status:
@@ -220,20 +244,10 @@ class StoreHandler:
 
         try:
             result = self._record(ReceivedObject(
-                sop_instance_uid=header.sop_instance_uid,
-                sop_class_uid=header.sop_class_uid,
-                study_instance_uid=header.study_instance_uid,
-                series_instance_uid=header.series_instance_uid,
-                patient_id=header.patient_id,
-                modality=header.modality,
-                transfer_syntax_uid=header.transfer_syntax_uid,
-                calling_ae=calling_ae,
-                peer_address=peer,
+                **_receipt(header, classification, calling_ae, peer),
                 spool_path=str(entry.path),
                 sha256=entry.sha256,
                 size_bytes=entry.size,
-                status="received" if classification.analyse else "skipped",
-                reason=None if classification.analyse else classification.reason,
             ))
         except DatabaseUnavailableError as exc:
             self._discard(entry.path)
@@ -267,7 +281,7 @@ class StoreHandler:
     def _store_journaled(
         self,
         journal: JournaledStore,
-        header: Any,
+        header: ObjectHeader,
         classification: Classification,
         data: bytes,
         calling_ae: str,
@@ -282,18 +296,8 @@ class StoreHandler:
             return _status(STATUS_OUT_OF_RESOURCES, f"out of resources: {refusal}")
         try:
             journal.store(journal_entry(
-                sop_instance_uid=header.sop_instance_uid,
-                sop_class_uid=header.sop_class_uid,
-                study_instance_uid=header.study_instance_uid,
-                series_instance_uid=header.series_instance_uid,
-                patient_id=header.patient_id,
-                modality=header.modality,
-                transfer_syntax_uid=header.transfer_syntax_uid,
-                calling_ae=calling_ae,
-                peer_address=peer,
+                **_receipt(header, classification, calling_ae, peer),
                 spool_path=journal.plan(len(data)).as_posix(),
-                status="received" if classification.analyse else "skipped",
-                reason=None if classification.analyse else classification.reason,
                 kind=classification.kind,
             ), data)
         except SpoolFullError as exc:

@@ -38,6 +38,7 @@ from pathlib import Path
 
 from storage.batching import GroupCommit
 from storage.errors import SpoolFullError, SpoolWriteError
+from storage.spool import fsync_dir
 
 __all__ = ["JournalRecord", "ReceiveJournal"]
 
@@ -96,14 +97,6 @@ def read_records(path: Path, sequence: int) -> Iterator[JournalRecord]:
             return
         yield JournalRecord(sequence, offset, meta, data)
         offset = end
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _zero_filled(path: Path, size: int) -> None:
@@ -307,7 +300,7 @@ class ReceiveJournal:
         else:
             _zero_filled(path, self.segment_bytes)
         # the name must be durable before a record in it is acknowledged
-        _fsync_dir(self.directory)
+        fsync_dir(self.directory)
         segment = _Segment(sequence, path)
         self._segments[sequence] = segment
         return segment

@@ -85,7 +85,8 @@ def _libc_syncfs(fd: int) -> int:
     return int(syncfs(fd))
 
 
-def _fsync_dir(path: Path) -> None:
+def fsync_dir(path: Path) -> None:
+    """fsync a folder: the entries created, renamed or removed in it become durable."""
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
         os.fsync(fd)
@@ -96,7 +97,7 @@ def _fsync_dir(path: Path) -> None:
 def _fsync_dirs(folders: Sequence[Path]) -> list[None]:
     """fsync each distinct folder once: makes every rename done in them so far durable."""
     for folder in dict.fromkeys(folders):
-        _fsync_dir(folder)
+        fsync_dir(folder)
     return [None] * len(folders)
 
 
@@ -139,7 +140,7 @@ class Spool:
                     pass
                 finally:
                     temp.unlink()
-                _fsync_dir(self.root)
+                fsync_dir(self.root)
             value = path.read_text(encoding="ascii").strip()
             if not value or len(value) > 64:
                 raise SpoolPathError(path, "node id file is empty or longer than 64 characters")
@@ -310,7 +311,7 @@ class Spool:
         folder.mkdir(parents=True, exist_ok=True)
         # a new folder's entry lives in its parent: fsync the parents so the rename survives a crash
         for p in created:
-            _fsync_dir(p.parent)
+            fsync_dir(p.parent)
 
     @staticmethod
     def _discard(temp: Path) -> None:
@@ -361,7 +362,7 @@ class Spool:
                 "at": now.isoformat(),
             }
             target.with_name(target.name + ".reason.json").write_text(json.dumps(note, indent=1), encoding="utf-8")
-            _fsync_dir(target_dir)
+            fsync_dir(target_dir)
         except OSError as exc:
             raise SpoolWriteError(target, f"quarantine failed: {exc.strerror or exc}") from exc
         logger.warning("quarantined spool file", extra={"path": str(full), "to": str(target), "reason": reason})
