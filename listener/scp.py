@@ -2,8 +2,15 @@
 
 The network side is ``listener.acceptor`` (one thread per association); this module
 holds what the node does with a C-STORE, the calling-AE policy and the listener's life
-cycle. Durable acknowledgement: the C-STORE handler runs in the association's thread
-and returns its status only after
+cycle.
+
+Durable acknowledgement, by default: the handler returns success once the object and
+its future row are in the receiver's write-ahead journal, fdatasynced
+(``storage.journal``); the journal's thread writes the spool file and commits the row
+within about 50 ms, and a start applies whatever a crash left before the port opens
+(``storage.journal_apply``). Objects over a quarter of a journal segment, and every
+object with ``storage.journal.enabled: false``, take the direct path: the handler
+returns its status only after
 
 1. the encoded bytes exactly as received (plus a File Meta header) are in the spool:
    temporary name, fsync, atomic rename, folder fsync (``storage.spool.Spool.store``);
