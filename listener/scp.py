@@ -168,6 +168,13 @@ def _receipt(header: ObjectHeader, classification: Classification, calling_ae: s
     }
 
 
+def _spool_refusal(exc: SpoolError, calling_ae: str) -> Status:
+    """Out of resources for an object the spool or the journal could not take."""
+    what = "spool full" if isinstance(exc, SpoolFullError) else "spool write failed"
+    logger.error(f"{what}, store refused", extra={"calling_ae": calling_ae, "reason": str(exc)})
+    return _status(STATUS_OUT_OF_RESOURCES, f"out of resources: {what}")
+
+
 def _status(code: int, comment: str) -> Status:
     """A status with an Error Comment (LO: at most 64 characters) for the sender's log."""
     return Status(code, comment.replace("\\", "/")[:64] if code != STATUS_SUCCESS else "")
@@ -242,12 +249,8 @@ class StoreHandler:
 
         try:
             entry = self._spool.store(data)
-        except SpoolFullError as exc:
-            logger.error("spool full, store refused", extra={"calling_ae": calling_ae, "reason": str(exc)})
-            return _status(STATUS_OUT_OF_RESOURCES, "out of resources: spool full")
         except SpoolError as exc:
-            logger.error("spool write failed, store refused", extra={"calling_ae": calling_ae, "reason": str(exc)})
-            return _status(STATUS_OUT_OF_RESOURCES, "out of resources: spool write failed")
+            return _spool_refusal(exc, calling_ae)
 
         try:
             result = self._record(ReceivedObject(
@@ -307,12 +310,8 @@ class StoreHandler:
                 spool_path=journal.plan(len(data)).as_posix(),
                 kind=classification.kind,
             ), data)
-        except SpoolFullError as exc:
-            logger.error("spool full, store refused", extra={"calling_ae": calling_ae, "reason": str(exc)})
-            return _status(STATUS_OUT_OF_RESOURCES, "out of resources: spool full")
         except SpoolError as exc:
-            logger.error("spool write failed, store refused", extra={"calling_ae": calling_ae, "reason": str(exc)})
-            return _status(STATUS_OUT_OF_RESOURCES, "out of resources: spool write failed")
+            return _spool_refusal(exc, calling_ae)
         return _status(STATUS_SUCCESS, "")
 
     def _discard(self, path: Any) -> None:
