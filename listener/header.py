@@ -8,9 +8,10 @@ pydicom. The File Meta header the spool file gets is built here too.
 
 from __future__ import annotations
 
+import dataclasses
 import re
 import struct
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from io import BytesIO
 from types import MappingProxyType
@@ -56,6 +57,7 @@ HEADER_TAGS: tuple[str, ...] = (
 )
 
 _UID_CHARACTERS = re.compile(r"[0-9.]+")
+_NO_UIDS: Mapping[str, str] = MappingProxyType({})
 
 
 def _is_uid_text(text: str) -> bool:
@@ -142,12 +144,14 @@ def parse_header(data: bytes, *, max_pixels: int) -> ObjectHeader:
         return parse_header_reference(data, max_pixels=max_pixels)
     found, implicit, transfer_syntax = fast
     try:
-        ds, values = _header_dataset(data, found, implicit)
+        ds, values, uids = _header_dataset(data, found, implicit)
     except (InvalidDicomError, EOFError, ValueError, KeyError, TypeError, OverflowError, LookupError, OSError) as exc:
         raise InvalidObjectError(STATUS_CANNOT_UNDERSTAND, f"not a readable DICOM dataset: {exc}") from exc
     except Exception as exc:  # as parse_header_reference: pydicom raises a wide range on hostile values
         raise InvalidObjectError(STATUS_CANNOT_UNDERSTAND, f"not a readable DICOM dataset: {type(exc).__name__}: {exc}") from exc
-    return _checked_header(ds, values.get, transfer_syntax, max_pixels)
+    if len(transfer_syntax) <= 64:  # valid_uid's: _fast_meta took only UID text, without padding
+        uids["TransferSyntaxUID"] = transfer_syntax
+    return _checked_header(ds, values.get, transfer_syntax, max_pixels, uids, _new_header)
 
 
 def parse_header_reference(data: bytes, *, max_pixels: int) -> ObjectHeader:
@@ -186,12 +190,25 @@ def _read_reference(data: bytes) -> tuple[Dataset, str]:
     return ds, transfer_syntax
 
 
-def _checked_header(ds: Dataset, get: Callable[[str], Any], transfer_syntax: str, max_pixels: int) -> ObjectHeader:
+def _checked_header(
+    ds: Dataset,
+    get: Callable[[str], Any],
+    transfer_syntax: str,
+    max_pixels: int,
+    valid_uids: Mapping[str, str] = _NO_UIDS,
+    new_header: Callable[..., ObjectHeader] = ObjectHeader,
+) -> ObjectHeader:
     """The validated ``ObjectHeader`` of a header data set read by either path; ``get(keyword)``
     is ``ds.get(keyword)`` (the fast path has the values at hand: ``Dataset.get`` costs
-    microseconds a call)."""
+    microseconds a call), ``valid_uids`` what ``valid_uid`` gives for some of the UIDs, by
+    keyword, ``TransferSyntaxUID`` for ``transfer_syntax`` (the fast path has validated them
+    as strictly already), ``new_header`` what makes the ``ObjectHeader`` of its fields."""
     uids: dict[str, str] = {}
     for keyword in ("SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID"):
+        known = valid_uids.get(keyword)
+        if known is not None:
+            uids[keyword] = known
+            continue
         raw = get(keyword)
         uid = valid_uid(raw)
         if uid is None:
@@ -218,17 +235,41 @@ def _checked_header(ds: Dataset, get: Callable[[str], Any], transfer_syntax: str
     except Exception as exc:
         raise InvalidObjectError(STATUS_CANNOT_UNDERSTAND, f"unreadable header value: {type(exc).__name__}: {exc}") from exc
 
-    return ObjectHeader(
+    return new_header(
         sop_class_uid=uids["SOPClassUID"],
         sop_instance_uid=uids["SOPInstanceUID"],
         study_instance_uid=uids["StudyInstanceUID"],
         series_instance_uid=uids["SeriesInstanceUID"],
-        transfer_syntax_uid=valid_uid(transfer_syntax) or "",
+        transfer_syntax_uid=valid_uids.get("TransferSyntaxUID") or valid_uid(transfer_syntax) or "",
         patient_id=patient_id,
         modality=modality,
         pixels=pixels,
         dataset=ds,
     )
+
+
+def _header_by_state() -> bool:
+    """Whether an ``ObjectHeader`` is just its fields, in order, in its instance dict."""
+    names = tuple(field.name for field in dataclasses.fields(ObjectHeader))
+    probe = ObjectHeader(*names)  # type: ignore[arg-type]
+    return (
+        not hasattr(ObjectHeader, "__post_init__")
+        and not hasattr(ObjectHeader, "__slots__")
+        and tuple(vars(probe).items()) == tuple(zip(names, names, strict=True))
+    )
+
+
+_HEADER_BY_STATE = _header_by_state()
+
+
+def _new_header(**fields: Any) -> ObjectHeader:
+    """``ObjectHeader(**fields)``, the fields given in their order: a frozen dataclass's
+    ``__init__`` sets each through ``object.__setattr__``, which costs three times this."""
+    if not _HEADER_BY_STATE:  # another ObjectHeader: its own constructor
+        return ObjectHeader(**fields)
+    header = object.__new__(ObjectHeader)
+    header.__dict__.update(fields)
+    return header
 
 
 _VR_LONG = frozenset(b"OB OD OF OL OV OW SQ SV UC UN UR UT UV".split())
@@ -492,6 +533,22 @@ def _fast_elements(data: bytes) -> tuple[dict[int, _Found], bool, str] | None:
 
 def _fast_meta(data: bytes, start: int) -> str:
     """The Transfer Syntax UID of a File Meta group that pydicom reads exactly to ``start``."""
+    standard = _STANDARD_META.fullmatch(data, 144, start)
+    if standard is None:
+        transfer_syntax = _walk_meta(data, start)
+    else:  # the elements pydicom and pynetdicom write, in order: the walk would find the same
+        value_start, value_end = standard.span(1)
+        transfer_syntax = data[value_start + 2 : value_end].decode("latin-1").rstrip("\x00 ")
+    # the two little endian syntaxes are UID text: they are spared the test
+    if not (transfer_syntax in _LITTLE_ENDIAN_SYNTAXES or _is_uid_text(transfer_syntax)):
+        raise _Unsure
+    if data[start + 1] == 0 and data[start] in (0x00, 0x02):  # pydicom reads a command set or more meta
+        raise _Unsure
+    return transfer_syntax
+
+
+def _walk_meta(data: bytes, start: int) -> str:
+    """The Transfer Syntax UID of File Meta elements in ascending order that end exactly at ``start``."""
     pos, previous, transfer_syntax = 144, 0x00020000, None
     unpack = _EXPLICIT_ELEMENT.unpack_from
     while pos < start:
@@ -513,9 +570,7 @@ def _fast_meta(data: bytes, start: int) -> str:
         if tag == 0x00020010:
             transfer_syntax = data[pos : pos + length].decode("latin-1").rstrip("\x00 ")
         pos += length
-    if pos != start or transfer_syntax is None or not _is_uid_text(transfer_syntax):
-        raise _Unsure
-    if data[start + 1] == 0 and data[start] in (0x00, 0x02):  # pydicom reads a command set or more meta
+    if pos != start or transfer_syntax is None:
         raise _Unsure
     return transfer_syntax
 
@@ -555,29 +610,131 @@ def _is_sequence(tag: int, vr: str | None) -> bool:
         return False
 
 
-# A CT has some 200 elements before (0028,0011): these loops are most of the fast path's
-# cost, hence one unpack per element, the VR left as bytes, the group checks only where
-# they can matter, and the bounds left to struct: struct.error when an element header
-# runs past the end of the bytes (a value that does is caught by the next header, or by
-# ``pos != end``), the normal end being the one at ``pos == end`` exactly.
+# A CT has some 270 elements, 200 of them before (0028,0011): walking them one loop
+# iteration each (some 2,500 machine instructions) was most of the fast path's cost. Nearly
+# all of them need no more than a step over: a short value, a tag that is no header tag, no
+# command group element, not past (0028,0011). The ``_*_RUN`` patterns step over a run of
+# such elements in C (a third of the instructions); every other element (a header tag, a
+# long VR, a longer or odd value length, a value that runs past the end, anything the loops
+# refuse or decide on) ends the run, and the loops take it as they always did. In the loops,
+# one unpack per element, the VR left as bytes, the group checks only where they can matter,
+# and the bounds left to struct: struct.error when an element header runs past the end of
+# the bytes (a value that does is caught by the next header, or by ``pos != end``), the
+# normal end being the one at ``pos == end`` exactly.
+
+# The longest value a run steps over. Each length is one alternative of the patterns, tried
+# in turn, and a longer value is rare in a header: left to the loop, it keeps the patterns
+# small (the engine reads a pattern's code as data, cold in the cache on the receive path).
+_RUN_MAX_LENGTH = 64
+
+
+def _byte_pattern(values: bytes) -> bytes:
+    """A pattern matching exactly these bytes (escaped, so that none is a metacharacter)."""
+    return b"".join(b"\\x%02x" % value for value in values)
+
+
+def _alternatives(patterns: list[bytes]) -> bytes:
+    return b"(?:" + b"|".join(patterns) + b")"
+
+
+def _length_and_value_pattern(length_size: int) -> bytes:
+    """An even little endian value length of ``length_size`` bytes up to ``_RUN_MAX_LENGTH``
+    (DICOM pads values to even lengths), followed by exactly that many value bytes."""
+    return _alternatives([
+        _byte_pattern(n.to_bytes(length_size, "little")) + b".{%d}" % n for n in range(0, _RUN_MAX_LENGTH + 1, 2)
+    ])
+
+
+def _vr_pattern(vrs: frozenset[bytes]) -> bytes:
+    """One of these two-letter VRs: an alternative per first letter, tried in turn, the
+    letters of the VRs most elements have first (SS, SL, SH, DS, LO, US, UL: tried fewer)."""
+    by_first: dict[int, list[int]] = {}
+    for vr in sorted(vrs):
+        by_first.setdefault(vr[0], []).append(vr[1])
+    order = b"SDLUCFITPA"
+    return _alternatives([
+        _byte_pattern(bytes([first])) + b"[" + _byte_pattern(bytes(by_first[first])) + b"]"
+        for first in sorted(by_first, key=lambda letter: order.find(letter) if letter in order else len(order))
+    ])
+
+
+def _stepped_tag_pattern() -> bytes:
+    """A little endian tag the header walks step over: group 0001 to (0028,0011), no header tag."""
+    last_group, last_element = _LAST_HEADER_TAG >> 16, _LAST_HEADER_TAG & 0xFFFF
+    assert last_group < 0x100 and last_element < 0x100  # one byte each: the byte classes below
+    header_elements: dict[int, list[int]] = {}
+    for tag in sorted(_HEADER_TAG_SET):
+        header_elements.setdefault(tag >> 16, []).append(tag & 0xFFFF)
+    plain_groups = bytes(group for group in range(1, last_group) if group not in header_elements)
+    patterns = [b"[" + _byte_pattern(plain_groups) + b"]\\x00.."]
+    for group in range(1, last_group + 1):
+        if group not in header_elements and group != last_group:
+            continue
+        header = _alternatives([_byte_pattern(e.to_bytes(2, "little")) for e in header_elements[group]])
+        elements = b"[\\x00-" + _byte_pattern(bytes([last_element])) + b"]\\x00" if group == last_group else b".."
+        patterns.append(_byte_pattern(group.to_bytes(2, "little")) + b"(?!" + header + b")" + elements)
+    return _alternatives(patterns)
+
+
+def _run(element: bytes) -> re.Pattern[bytes]:
+    """Zero or more elements, possessive (a run never gives an element back: nothing follows it)."""
+    return re.compile(b"(?:" + element + b")*+", re.DOTALL)
+
+
+_SHORT_LENGTH_AND_VALUE = _length_and_value_pattern(2)
+_LONG_LENGTH_AND_VALUE = _length_and_value_pattern(4)
+# what ``_fast_explicit_header`` and ``_fast_implicit_header`` step over without a look
+_EXPLICIT_HEADER_RUN = _run(_stepped_tag_pattern() + _vr_pattern(_SHORT_VR) + _SHORT_LENGTH_AND_VALUE)
+_IMPLICIT_HEADER_RUN = _run(_stepped_tag_pattern() + _LONG_LENGTH_AND_VALUE)
+# what ``_rest_complete`` steps over: any tag (there the VR alone says how long the header is)
+_EXPLICIT_RUN = _run(b"...." + _vr_pattern(_SHORT_VR - _VR_LONG) + _SHORT_LENGTH_AND_VALUE)
+_IMPLICIT_RUN = _run(b"...." + _LONG_LENGTH_AND_VALUE)
+
+
+def _meta_element(element: int, vr: bytes, required: bool = False) -> bytes:
+    """A File Meta element of this VR (capturing its length and value if required)."""
+    tag = _byte_pattern(_TAG_LE.pack(0x0002, element)) + _byte_pattern(vr)
+    if vr in _LONG_VR:
+        return b"(?:" + tag + b".." + _LONG_LENGTH_AND_VALUE + b")?"
+    return tag + b"(" + _SHORT_LENGTH_AND_VALUE + b")" if required else b"(?:" + tag + _SHORT_LENGTH_AND_VALUE + b")?"
+
+
+# The File Meta elements (after the group length) as pydicom and pynetdicom write them, each
+# optional but the Transfer Syntax UID (group 1): an order and VRs ``_walk_meta`` accepts.
+_STANDARD_META = re.compile(
+    _meta_element(0x0001, b"OB")
+    + _meta_element(0x0002, b"UI")
+    + _meta_element(0x0003, b"UI")
+    + _meta_element(0x0010, b"UI", required=True)
+    + _meta_element(0x0012, b"UI")
+    + _meta_element(0x0013, b"SH")
+    + _meta_element(0x0016, b"AE"),
+    re.DOTALL,
+)
+_LITTLE_ENDIAN_SYNTAXES = frozenset({_IMPLICIT, "1.2.840.10008.1.2.1"})
 
 
 def _fast_explicit_header(data: bytes, pos: int) -> tuple[dict[int, _Found], int | None]:
     """The header elements of an explicit VR little endian data set before its first top-level
     tag above ``_LAST_HEADER_TAG``, and that tag's offset (None when the data set ends first)."""
     found: dict[int, _Found] = {}
+    step_over = _EXPLICIT_HEADER_RUN.match
     unpack = _EXPLICIT_ELEMENT.unpack_from
     long_length = _U32_LE.unpack_from
     short_vr, long_vr, wanted = _SHORT_VR, _LONG_VR, _HEADER_TAG_SET
     try:
         while True:
+            after = step_over(data, pos).end()  # type: ignore[union-attr]  # a run may be empty: it always matches
+            if after < pos:
+                raise _Unsure  # past the end (the pattern matches there as at the end): struct's error
+            pos = after
             group, element, vr, length = unpack(data, pos)
             tag = group << 16 | element
             if tag > _LAST_HEADER_TAG:
                 if group == 0xFFFE:
                     raise _Unsure
                 return found, pos
-            if vr in short_vr:  # most elements: tested first
+            if vr in short_vr:
                 if tag in wanted:
                     found[tag] = (vr, pos + 8, length)
                 elif not group:
@@ -606,10 +763,15 @@ def _fast_explicit_header(data: bytes, pos: int) -> tuple[dict[int, _Found], int
 def _fast_implicit_header(data: bytes, pos: int) -> tuple[dict[int, _Found], int | None]:
     """``_fast_explicit_header`` for an implicit VR little endian data set."""
     found: dict[int, _Found] = {}
+    step_over = _IMPLICIT_HEADER_RUN.match
     unpack = _IMPLICIT_ELEMENT.unpack_from
     wanted = _HEADER_TAG_SET
     try:
         while True:
+            after = step_over(data, pos).end()  # type: ignore[union-attr]
+            if after < pos:
+                raise _Unsure
+            pos = after
             group, element, length = unpack(data, pos)
             tag = group << 16 | element
             if tag > _LAST_HEADER_TAG:
@@ -635,10 +797,18 @@ def _fast_implicit_header(data: bytes, pos: int) -> tuple[dict[int, _Found], int
 def _rest_complete(data: bytes, pos: int, implicit: bool) -> bool:
     """Whether ``_walk_elements`` from the top-level element at ``pos`` finds the data set
     complete and followable (as the reference path needs it to be), walking as it does."""
+    end = len(data)
     try:
         if implicit:
+            step_over = _IMPLICIT_RUN.match
             unpack_length = _IMPLICIT_LENGTH.unpack_from
             while True:
+                after = step_over(data, pos).end()  # type: ignore[union-attr]
+                if after < pos:
+                    return False  # past the end: struct's error, and not at the end
+                if after == end:
+                    return True  # struct's error at the end, which costs more than this test
+                pos = after
                 (length,) = unpack_length(data, pos)
                 if length == _UNDEFINED:
                     after = _skip_sequence(data, pos + 8, _LE_IMPLICIT, 0)
@@ -647,10 +817,17 @@ def _rest_complete(data: bytes, pos: int, implicit: bool) -> bool:
                     pos = after
                 else:
                     pos += 8 + length
+        step_over = _EXPLICIT_RUN.match
         unpack = _VR_LENGTH.unpack_from
         long_length = _U32_LE.unpack_from
         long_vr = _VR_LONG  # the reference walk's test (a VR it does not know has a short header there)
         while True:
+            after = step_over(data, pos).end()  # type: ignore[union-attr]
+            if after < pos:
+                return False
+            if after == end:
+                return True
+            pos = after
             vr, length = unpack(data, pos)
             if vr in long_vr:
                 length = long_length(data, pos + 8)[0]
@@ -664,7 +841,7 @@ def _rest_complete(data: bytes, pos: int, implicit: bool) -> bool:
             else:
                 pos += 8 + length
     except struct.error:
-        return pos == len(data)
+        return pos == end
 
 
 def _fast_sequence(data: bytes, pos: int, implicit: bool, depth: int) -> int:
@@ -742,8 +919,9 @@ _SPECS: MappingProxyType[int, _Spec] = MappingProxyType({
     for tag in (tag_for_keyword(keyword),)
     if tag is not None
 })
-# pydicom's UI validation (valuerep) without the leniency of ``re.match(...$)``
-_UI_VALUE = re.compile(rb"(?:0|[1-9][0-9]*)(?:\.(?:0|[1-9][0-9]*))*")
+# pydicom's UI validation (valuerep) without the leniency of ``re.match(...$)``; possessive,
+# since a component ends where a dot is, which no digit matches: nothing to backtrack to
+_UI_VALUE = re.compile(rb"(?:[1-9][0-9]*+|0)(?:\.(?:[1-9][0-9]*+|0))*+")
 # a single text value that every ASCII-compatible codec decodes alike: printable ASCII,
 # no backslash (value delimiter), NUL padding at most
 _ASCII_TEXT = re.compile(rb"[\x20-\x5B\x5D-\x7E]*\x00*")
@@ -790,9 +968,12 @@ def _pydicom_converts_plainly() -> bool:
     )
 
 
-def _header_dataset(data: bytes, found: dict[int, _Found], implicit: bool) -> tuple[Dataset, dict[str, Any]]:
+def _header_dataset(
+    data: bytes, found: dict[int, _Found], implicit: bool
+) -> tuple[Dataset, dict[str, Any], dict[str, str]]:
     """The header data set as pydicom's ``read_dataset`` builds it from these elements, its
-    values checked, and the values by keyword (absent elements absent).
+    values checked, the values by keyword (absent elements absent), and the UIDs decoded
+    here as ``valid_uid`` gives them (plain ``str``), by keyword.
 
     A value is plain, and decoded here, when it needs no character set beyond ASCII and
     pydicom's validation would not object to it; then it is the very value pydicom's
@@ -802,6 +983,7 @@ def _header_dataset(data: bytes, found: dict[int, _Found], implicit: bool) -> tu
     validation_mode = pydicom_config.settings.reading_validation_mode
     elements: dict[BaseTag, DataElement | RawDataElement] = {}
     values: dict[str, Any] = {}
+    uids: dict[str, str] = {}
     encoding: str | list[str] = default_encoding
     ascii_text = True  # whether the character set decodes printable ASCII as ASCII
     charset = found.get(_CHARSET_TAG)
@@ -833,7 +1015,9 @@ def _header_dataset(data: bytes, found: dict[int, _Found], implicit: bool) -> tu
         elif vr == "UI":  # convert_UI: latin-1, padding stripped; UID() validates and strips
             text = raw.rstrip(b"\x00 ")
             if len(text) <= 64 and _UI_VALUE.fullmatch(text):
-                value = str.__new__(UID, text.decode("ascii"))  # UID() less the validation just done
+                # valid_uid's text: no padding, digits and single dots, 64 characters at most
+                uids[spec.keyword] = uid = text.decode("ascii")
+                value = str.__new__(UID, uid)  # UID() less the validation just done
         elif vr == "CS":  # convert_string: latin-1, padding stripped, no validation
             if b"\\" not in raw:
                 value = raw.decode("latin-1").rstrip(" \x00")
@@ -853,10 +1037,12 @@ def _header_dataset(data: bytes, found: dict[int, _Found], implicit: bool) -> tu
             elements[spec.tag] = _plain_element(spec.tag, vr, value, value_pos, validation_mode)
             values[spec.keyword] = value
     ds = _new_dataset(elements, implicit, encoding)
-    for spec in _SPECS.values():  # as _read_header: pydicom converts the others now, so that a malformed one fails now
-        if spec.keyword not in values and spec.tag in elements:
-            values[spec.keyword] = ds.get(spec.keyword)
-    return ds, values
+    if len(values) < len(elements):  # else every element has its value (each value is an element's)
+        # as _read_header: pydicom converts the others now, so that a malformed one fails now
+        for spec in _SPECS.values():
+            if spec.keyword not in values and spec.tag in elements:
+                values[spec.keyword] = ds.get(spec.keyword)
+    return ds, values, uids
 
 
 def _raw_element(tag: BaseTag, raw_vr: bytes | None, raw: bytes, value_pos: int, implicit: bool) -> RawDataElement:
@@ -865,28 +1051,30 @@ def _raw_element(tag: BaseTag, raw_vr: bytes | None, raw: bytes, value_pos: int,
     return RawDataElement(tag, vr, len(raw), raw if raw else empty_value_for_VR(vr, raw=True), value_pos, implicit, True)
 
 
-# the instance attributes of a DataElement that ``_plain_element`` sets
+# the instance attributes of a DataElement that ``_plain_element`` sets, in its ``__init__``'s order
 _ELEMENT_ATTRIBUTES = ("tag", "VR", "validation_mode", "_value", "file_tell", "is_undefined_length", "private_creator")
 _ELEMENT_BY_STATE: bool = (
     tuple(vars(DataElement(BaseTag(0x00100020), "LO", "", 0, False, already_converted=True))) == _ELEMENT_ATTRIBUTES
+    and DataElement.__setattr__ is object.__setattr__
+    and not any(hasattr(DataElement, name) for name in _ELEMENT_ATTRIBUTES)  # plain attributes, no descriptors
 )
 
 
 def _plain_element(tag: BaseTag, vr: str, value: Any, value_pos: int, validation_mode: int) -> DataElement:
     """``DataElement(tag, vr, value, value_pos, already_converted=True)`` as ``convert_raw_data_element``
-    makes it; its ``__init__`` costs twice as much as setting the attributes it sets."""
+    makes it; its ``__init__`` costs twice as much as setting the attributes it sets. Set one by
+    one in its order, as ``__init__`` does, they share the class's key table (a dict built
+    and assigned to ``__dict__`` costs more)."""
     if not _ELEMENT_BY_STATE:  # another pydicom version: its own constructor
         return DataElement(tag, vr, value, value_pos, False, already_converted=True, validation_mode=validation_mode)
     element = object.__new__(DataElement)
-    element.__dict__ = {
-        "tag": tag,
-        "VR": vr,
-        "validation_mode": validation_mode,
-        "_value": value,
-        "file_tell": value_pos,
-        "is_undefined_length": False,
-        "private_creator": None,
-    }
+    element.tag = tag
+    element.VR = vr
+    element.validation_mode = validation_mode
+    element._value = value
+    element.file_tell = value_pos
+    element.is_undefined_length = False
+    element.private_creator = None
     return element
 
 
