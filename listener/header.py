@@ -507,8 +507,8 @@ class _Unsure(Exception):
 def _fast_elements(data: bytes) -> tuple[dict[int, _Found], bool, str] | None:
     """(the header elements where pydicom's reader finds them, implicit VR, transfer syntax),
     or None when the reference path must read the object."""
-    if data[128:132] != b"DICM" or data[132:140] != _GROUP_LENGTH_HEADER:
-        return None
+    if len(data) < 144 or data[128:132] != b"DICM" or data[132:140] != _GROUP_LENGTH_HEADER:
+        return None  # (0002,0000) cut inside its value: the reference path says why
     start = 144 + _U32_LE.unpack_from(data, 140)[0]
     if start + 8 > len(data):
         return None  # empty, or too short for an element: the reference path says why

@@ -53,6 +53,7 @@ from listener.header import (
     _UNDEFINED,
     _VR_LENGTH,
     _VR_LONG,
+    InvalidObjectError,
     ObjectHeader,
     _fast_elements,
     _fast_explicit_header,
@@ -70,6 +71,8 @@ from listener.header import (
     _stepped_tag_pattern,
     _Unsure,
     file_meta_bytes,
+    parse_header,
+    parse_header_reference,
     valid_uid,
 )
 from tests.listener.test_fast_header import _check, _encodings, _test_files
@@ -605,3 +608,15 @@ def test_rest_runs_take_what_the_rest_walk_stepped_over() -> None:
                     assert (run.fullmatch(element) is not None) == expected, (implicit, hex(tag), vr, length)
                     _check_walks(element, 0)
                     _check_walks(element * 3, 0)
+
+
+@pytest.mark.parametrize("length", range(136, 146))
+def test_meta_group_length_cut_short_is_refused_as_the_reference_refuses_it(length: int) -> None:
+    # 140-143 bytes: the (0002,0000) header is whole but its value is not; this raised
+    # struct.error (a processing failure on the wire) before
+    data = (b"\0" * 128 + b"DICM" + b"\x02\x00\x00\x00UL\x04\x00" + b"\x00" * 40)[:length]
+    with pytest.raises(InvalidObjectError) as fast:
+        parse_header(data, max_pixels=1 << 29)
+    with pytest.raises(InvalidObjectError) as reference:
+        parse_header_reference(data, max_pixels=1 << 29)
+    assert (fast.value.status, fast.value.reason) == (reference.value.status, reference.value.reason)
