@@ -40,7 +40,7 @@ from storage.batching import GroupCommit
 from storage.errors import SpoolFullError, SpoolWriteError
 from storage.spool import fsync_dir
 
-__all__ = ["JournalRecord", "ReceiveJournal"]
+__all__ = ["JournalRecord", "ReceiveJournal", "journal_records", "segment_files"]
 
 logger = logging.getLogger(__name__)
 
@@ -97,6 +97,19 @@ def read_records(path: Path, sequence: int) -> Iterator[JournalRecord]:
             return
         yield JournalRecord(sequence, offset, meta, data)
         offset = end
+
+
+def segment_files(directory: Path) -> list[tuple[int, Path]]:
+    """(sequence, path) of the segments in ``directory``, oldest first (the spare excluded)."""
+    return sorted(
+        (int(m.group(1), 16), directory / name) for name in os.listdir(directory) if (m := _SEGMENT_NAME.match(name))
+    )
+
+
+def journal_records(directory: Path) -> list[JournalRecord]:
+    """Every whole, valid record in ``directory``'s segments, oldest first, read without
+    opening the journal (tools and tests that look at what a receiver left)."""
+    return [r for sequence, path in segment_files(directory) for r in read_records(path, sequence)]
 
 
 def _zero_filled(path: Path, size: int) -> None:
@@ -182,12 +195,7 @@ class ReceiveJournal:
         with self._lock:
             if self._recovered:
                 raise RuntimeError("recover() runs once, before the first append")
-            found = sorted(
-                (int(m.group(1), 16), self.directory / name)
-                for name in os.listdir(self.directory)
-                if (m := _SEGMENT_NAME.match(name))
-            )
-            for sequence, path in found:
+            for sequence, path in segment_files(self.directory):
                 segment_records = list(read_records(path, sequence))
                 segment = _Segment(sequence, path)
                 segment.sealed = True

@@ -382,24 +382,8 @@ class JournaledStore:
 
 
 def _received_object(item: _Item, sha256: str, size: int) -> ReceivedObject:
-    e = item.entry
-    return ReceivedObject(
-        sop_instance_uid=e.sop_instance_uid,
-        sop_class_uid=e.sop_class_uid,
-        study_instance_uid=e.study_instance_uid,
-        series_instance_uid=e.series_instance_uid,
-        patient_id=e.patient_id,
-        modality=e.modality,
-        transfer_syntax_uid=e.transfer_syntax_uid,
-        calling_ae=e.calling_ae,
-        peer_address=e.peer_address,
-        spool_path=e.spool_path,
-        sha256=sha256,
-        size_bytes=size,
-        status=e.status,
-        reason=e.reason,
-        received_at=item.received_at,
-    )
+    row = {k: v for k, v in vars(item.entry).items() if k not in ("received_at", "kind")}
+    return ReceivedObject(**row, sha256=sha256, size_bytes=size, received_at=item.received_at)
 
 
 def journal_entry(**fields: Any) -> JournalEntry:

@@ -422,14 +422,12 @@ class NodeProcess:
     def journaled_uids(self) -> set[str]:
         """SOP Instance UIDs in the node's write-ahead journals (``storage.journal``), read from
         the segment files: acknowledged objects that a restart applies if no row holds them yet."""
-        from storage.journal import SPARE_NAME, read_records
+        from storage.journal import journal_records
         from storage.journal_apply import decode_meta
 
-        uids: set[str] = set()
-        for path in (self.spool_dir / ".journal").rglob("*.seg"):
-            if path.name != SPARE_NAME:
-                uids |= {decode_meta(r.meta).sop_instance_uid for r in read_records(path, int(path.stem, 16))}
-        return uids
+        folder = self.spool_dir / ".journal"
+        journals = [p for p in folder.iterdir() if p.is_dir()] if folder.is_dir() else []
+        return {decode_meta(r.meta).sop_instance_uid for d in journals for r in journal_records(d)}
 
     def spool_temp_files(self) -> list[Path]:
         return [p for p in self.spool_dir.rglob(".*.tmp")]

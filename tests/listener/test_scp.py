@@ -29,7 +29,7 @@ from listener.header import InvalidObjectError, parse_header, valid_uid
 from listener.scp import JOURNALS_FOLDER, StorageSCP
 from storage.database import Database
 from storage.errors import DatabaseUnavailableError
-from storage.journal import SPARE_NAME, read_records
+from storage.journal import journal_records
 from storage.journal_apply import decode_meta
 from storage.repository import Repository
 from storage.spool import Spool
@@ -155,12 +155,8 @@ def test_store_refused_before_association_for_unknown_ae(node: Node) -> None:
 
 def _journaled_uids(spool: Spool) -> list[str]:
     """SOP Instance UIDs of the records in the node's journal segments, read from the files."""
-    uids = []
-    for path in sorted((spool.root / JOURNALS_FOLDER).rglob("*.seg")):
-        if path.name == SPARE_NAME:
-            continue
-        uids += [decode_meta(r.meta).sop_instance_uid for r in read_records(path, int(path.stem, 16))]
-    return uids
+    folder = spool.root / JOURNALS_FOLDER
+    return [decode_meta(r.meta).sop_instance_uid for d in sorted(folder.iterdir()) for r in journal_records(d)]
 
 
 @pytest.mark.parametrize("journal", [True, False], ids=["journal", "direct"])

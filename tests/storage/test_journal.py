@@ -20,7 +20,13 @@ import pytest
 
 from storage.database import Database
 from storage.errors import DatabaseUnavailableError, SpoolFullError
-from storage.journal import SPARE_NAME, JournalRecord, ReceiveJournal, read_records
+from storage.journal import (
+    SPARE_NAME,
+    JournalRecord,
+    ReceiveJournal,
+    journal_records,
+    read_records,
+)
 from storage.journal_apply import (
     JournaledStore,
     JournalEntry,
@@ -43,7 +49,7 @@ def _segments(directory: Path) -> list[Path]:
 
 
 def _all_records(directory: Path) -> list[JournalRecord]:
-    return [r for p in _segments(directory) for r in read_records(p, int(p.stem, 16))]
+    return journal_records(directory)
 
 
 # --------------------------------------------------------------------------- the journal alone
@@ -255,11 +261,14 @@ class _Switchable:
     def __init__(self, repo: Repository, *, poison: str | None = None) -> None:
         self.repo = repo
         self.down = threading.Event()
+        self.hold = threading.Event()  # while set, commits wait (a slow database)
         self.poison = poison
         self.calls = 0
 
     def record_received_batch(self, objects):
         self.calls += 1
+        while self.hold.is_set():
+            threading.Event().wait(0.01)
         if self.down.is_set():
             raise DatabaseUnavailableError("sqlite:///x", "database is locked")
         if self.poison is not None and any(o.sop_instance_uid == self.poison for o in objects):
@@ -299,15 +308,18 @@ def test_database_down_keeps_the_objects_refuses_new_ones_and_catches_up(
 def test_backlog_over_the_limit_is_refused(tmp_path: Path, database: Database) -> None:
     spool = Spool(tmp_path / "spool", 0)
     repo = _Switchable(Repository(database))
-    repo.down.set()
+    repo.hold.set()  # commits wait: the object stays in the backlog, and nothing has failed
     store = JournaledStore(_settings(tmp_path, max_backlog_bytes=50_000), spool, repo)  # type: ignore[arg-type]
     store.open()
     assert store.refusal(30_000) is None
     blob = os.urandom(30_000)
     store.store(_entry(store, "1.2.9.2", len(blob)), blob)
-    assert store.refusal(30_000) in {"journal backlog full", "database unavailable"}
-    repo.down.set()
-    store.close()  # the database is down: the record stays for the next start
+    assert store.refusal(30_000) == "journal backlog full"
+    assert store.refusal(10_000) is None  # what still fits under the limit is taken
+    repo.hold.clear()
+    assert store.wait_applied(10)
+    assert store.refusal(30_000) is None
+    store.close()
 
 
 def test_an_object_that_cannot_be_recorded_is_quarantined_and_does_not_block_the_others(
