@@ -14,5 +14,7 @@ if [ ${#need[@]} -gt 0 ]; then
     $SUDO apt-get update -qq
     # The packaged services are not wanted: tests start their own instances on free ports.
     DEBIAN_FRONTEND=noninteractive RUNLEVEL=1 $SUDO apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
+    # The downloaded .debs are not needed once installed; the venv needs the room.
+    $SUDO apt-get clean
 fi
 echo "peers: ok ($(storescu --version 2>/dev/null | head -1 | tr -d '\n'))"

@@ -12,8 +12,17 @@ fi
 python -m pip install --quiet --upgrade pip
 # torch first and pinned: these releases lie on the build machines' disk; an open
 # range lets pip reach for a multi-GB build from the registry instead.
+# That build (with its CUDA libraries) takes about 5.5 GB in .venv; say so up front, so
+# that a full disk reads as a full disk and not as a broken package.
 if ! python -c "import torch, torchvision" >/dev/null 2>&1; then
-    python -m pip install --quiet "torch==2.14.1" "torchvision==0.29.1"
+    echo "setup: installing torch 2.14.1 and torchvision 0.29.1 (about 5.5 GB);" \
+        "free here: $(df -Ph . | awk 'NR==2 {print $4}')"
+    if ! python -m pip install --quiet --no-cache-dir "torch==2.14.1" "torchvision==0.29.1"; then
+        df -Ph . >&2
+        echo "setup: could not install torch; if pip said 'No space left on device'," \
+            "free at least 6 GB on $(df -P . | awk 'NR==2 {print $6}') and run again" >&2
+        exit 1
+    fi
 fi
 python -m pip install --quiet -e ".[test,postgres]"
 echo "setup: ok ($(python -c 'import torch; print("torch", torch.__version__)'))"
