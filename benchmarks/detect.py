@@ -255,7 +255,7 @@ def parts(setup: Setup, batch: int, reps: int, target_s: float) -> dict[str, Any
     model, clip = setup.model, bare_backbone(setup.model)
     semantic, noise, modality = inputs(setup, batch)
     with torch.inference_mode():
-        tokens = model.noise_encoder(noise)
+        tokens = model.noise_tokens(noise)
         emb = model.embed(semantic, noise)
     emb_np = emb.numpy().astype(np.float32)
 
@@ -268,7 +268,7 @@ def parts(setup: Setup, batch: int, reps: int, target_s: float) -> dict[str, Any
     variants = {
         "backbone": timed(lambda: clip.encode_image(semantic)),
         "adapted_vit": timed(lambda: model.adapted_embedding(semantic, tokens)),
-        "noise_encoder": timed(lambda: model.noise_encoder(noise)),
+        "noise_encoder": timed(lambda: model.noise_tokens(noise)),
         "residuals": timed(lambda: model.noise_encoder.residuals(noise)),
         "head": timed(lambda: torch.softmax(model.head(emb, modality).float(), dim=-1)),
         "retrieval": lambda: setup.bank.fake_probability(emb_np, setup.k, setup.temperature),
@@ -280,7 +280,7 @@ def parts(setup: Setup, batch: int, reps: int, target_s: float) -> dict[str, Any
         "backbone": flops_per_image(lambda: clip.encode_image(semantic), batch, [clip]),
         # model.backbone, not model: DSKIModel.train keeps its frozen backbone in eval mode
         "adapted_vit": flops_per_image(lambda: model.adapted_embedding(semantic, tokens), batch, [model.backbone]),
-        "noise_encoder": flops_per_image(lambda: model.noise_encoder(noise), batch, [model.noise_encoder]),
+        "noise_encoder": flops_per_image(lambda: model.noise_tokens(noise), batch, [model.noise_encoder]),
     }
     row = {"model": setup.name, "batch": batch, "ms_per_batch": ms, "flops_per_image": flops, **res}
     print(f"[parts] {setup.name}, batch {batch}, ms per batch (median of {reps}): "

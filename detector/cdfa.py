@@ -25,6 +25,7 @@ import math
 import threading
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -38,6 +39,7 @@ logger = logging.getLogger(__name__)
 __all__ = [
     "BottleneckAdapter",
     "CDFABlock",
+    "FoldedStem",
     "NoiseContext",
     "NoiseEncoder",
     "evenly_spaced_blocks",
@@ -93,8 +95,29 @@ class NoiseContext(threading.local):
         return (type(self), ())
 
 
+@dataclass(frozen=True)
+class FoldedStem:
+    """A ``"patch"`` noise stem composed with the residual filters: one strided convolution.
+
+    ``weight`` (channels, C, P + K - 1, P + K - 1) runs on the crop reflect-padded by
+    ``pad`` = K // 2 with stride P; it computes what the residual filters followed by the
+    patch convolution compute, up to float rounding, in a fraction of the time.
+    """
+
+    weight: torch.Tensor
+    bias: torch.Tensor | None
+    pad: int
+    stride: int
+
+
 class NoiseEncoder(nn.Module):
-    """Residuals of the native-resolution crop -> (B, grid², width) tokens on the ViT grid."""
+    """Residuals of the native-resolution crop -> (B, grid², width) tokens on the ViT grid.
+
+    ``stem="conv"``: a 3×3 convolution over every pixel, then a strided 3×3.  ``stem="patch"``:
+    one convolution with kernel = stride = ``patch``, so each output position sees exactly one
+    patch of residuals; all residual filters are linear, so at inference the filters and this
+    convolution fold into one (``fold``).
+    """
 
     def __init__(
         self,
@@ -104,18 +127,28 @@ class NoiseEncoder(nn.Module):
         bayar_kernels: int = 3,
         bayar_size: int = 5,
         in_channels: int = 3,
+        stem: str = "conv",
+        patch: int = 8,
     ) -> None:
         super().__init__()
         self.grid = grid
         self.srm = SRMResidual(in_channels, per_channel=True)
         self.bayar = BayarConv2d(in_channels, bayar_kernels, bayar_size)
         residual_channels = self.srm.out_channels + bayar_kernels + in_channels
-        self.stem = nn.Sequential(
-            nn.Conv2d(residual_channels, channels, 3, padding=1),
-            nn.GELU(),
-            nn.Conv2d(channels, channels, 3, stride=2, padding=1),
-            nn.GELU(),
-        )
+        if stem == "conv":
+            self.stem = nn.Sequential(
+                nn.Conv2d(residual_channels, channels, 3, padding=1),
+                nn.GELU(),
+                nn.Conv2d(channels, channels, 3, stride=2, padding=1),
+                nn.GELU(),
+            )
+        elif stem == "patch":
+            if patch < 1:
+                raise ValueError(f"the patch stem needs a patch size >= 1, got {patch}")
+            self.stem = nn.Sequential(nn.Conv2d(residual_channels, channels, patch, stride=patch), nn.GELU())
+        else:
+            raise ValueError(f"unknown noise stem {stem!r}: expected 'conv' or 'patch'")
+        self.stem_kind = stem
         # Adaptive pooling makes any crop size land on the token grid; pooling after the
         # non-linearity keeps residual energy statistics that plain averaging would cancel.
         self.pool = nn.AdaptiveAvgPool2d(grid)
@@ -128,15 +161,64 @@ class NoiseEncoder(nn.Module):
             # Both filter banks in one reflect pad and one dense convolution: half the time of
             # a grouped and a dense convolution (each pass over a 3-channel input is memory-bound).
             p = self.srm.kernel_size // 2
-            weight = torch.cat([self.srm.dense_kernels(), self.bayar.constrained_weight()]).to(noise.dtype)
-            filtered = F.conv2d(F.pad(noise, (p, p, p, p), mode="reflect"), weight)
+            filtered = F.conv2d(F.pad(noise, (p, p, p, p), mode="reflect"), self._filter_bank().to(noise.dtype))
             return torch.cat([filtered, npr_residual(noise)], dim=1)
         return torch.cat([self.srm(noise), self.bayar(noise), npr_residual(noise)], dim=1)
 
-    def forward(self, noise: torch.Tensor) -> torch.Tensor:
+    def _filter_bank(self) -> torch.Tensor:
+        return torch.cat([self.srm.dense_kernels(), self.bayar.constrained_weight()])
+
+    def fold(self) -> FoldedStem | None:
+        """The residual filters and a ``"patch"`` stem's convolution as one convolution, or None.
+
+        None where they do not compose into one strided convolution: the ``"conv"`` stem (its
+        non-linearity sits between two convolutions), SRM and Bayar kernels of different sizes,
+        or an odd patch (NPR compares each pixel with the even-indexed pixel of its 2×2 cell,
+        which a stride keeps in place only when it is even).
+        """
+        conv = self.stem[0]
+        if self.stem_kind != "patch" or self.bayar.kernel_size != self.srm.kernel_size:
+            return None
+        patch = conv.stride[0]
+        if patch % 2:
+            return None
+        with torch.no_grad():
+            bank = self._filter_bank()  # (R, C, K, K)
+            n_filtered = bank.shape[0]
+            k = bank.shape[-1]
+            pad = k // 2
+            w = conv.weight.double()  # (O, R + C, P, P)
+            # Filters then patch: y[o] = sum_r corr(corr(x, bank[r]), w[o, r]) = corr(x, w[o] * bank),
+            # the full convolution of each patch kernel with the filters, which is what
+            # conv_transpose2d computes.
+            weight = F.conv_transpose2d(w[:, :n_filtered], bank.double())  # (O, C, P + K - 1, P + K - 1)
+            # NPR channel of input c: x[u, v] - x[2*(u // 2), 2*(v // 2)]; in padded coordinates the
+            # patch tap (a, b) reads x at (a + pad, b + pad) and subtracts it at its cell's even corner.
+            npr = w[:, n_filtered:]  # (O, C, P, P)
+            a = torch.arange(patch)
+            even = (a // 2) * 2
+            weight[:, :, pad:pad + patch, pad:pad + patch] += npr
+            corner = weight.new_zeros(weight.shape)
+            for i in range(patch):
+                for j in range(patch):
+                    corner[:, :, pad + even[i], pad + even[j]] += npr[:, :, i, j]
+            weight -= corner
+        bias = None if conv.bias is None else conv.bias.detach().clone()
+        return FoldedStem(weight.float().contiguous(), bias, pad, patch)
+
+    def forward(self, noise: torch.Tensor, folded: FoldedStem | None = None) -> torch.Tensor:
+        """Tokens of ``noise`` (B, C, H, W); ``folded`` (from ``fold``) takes the one-convolution path."""
         if noise.dim() != 4:
             raise ValueError(f"noise crop must be (B, C, H, W), got shape {tuple(noise.shape)}")
-        x = self.pool(self.stem(self.residuals(noise)))  # (B, channels, grid, grid)
+        if folded is not None:
+            p = folded.pad
+            x = F.conv2d(F.pad(noise, (p, p, p, p), mode="reflect"), folded.weight.to(noise.dtype),
+                         None if folded.bias is None else folded.bias.to(noise.dtype), stride=folded.stride)
+            x = self.stem[1](x)
+        else:
+            x = self.stem(self.residuals(noise))
+        if tuple(x.shape[-2:]) != (self.grid, self.grid):  # pooling to the size it has is a copy
+            x = self.pool(x)  # (B, channels, grid, grid)
         x = x.flatten(2).transpose(1, 2)  # row-major like the ViT's patch tokens
         return self.norm(self.embed(x))
 
@@ -197,16 +279,20 @@ class CDFABlock(nn.Module):
         out = out + self.adapter(out)
         # In place on the fresh sum (autograd-safe: addition keeps no inputs for backward);
         # slicing and concatenating the prefix back cost more than the adapter itself.
-        out[:, n:] += torch.tanh(self.gate).to(out.dtype) * tokens.to(out.dtype)
+        out[:, n:].addcmul_(tokens.to(out.dtype), torch.tanh(self.gate).to(out.dtype))
         if not self.batch_first:
             out = out.transpose(0, 1)
         return out
 
 
 def inject_cdfa(
-    visual: nn.Module, spec: CDFASpec, context: NoiseContext
+    visual: nn.Module, spec: CDFASpec, context: NoiseContext, noise_crop: int
 ) -> tuple[NoiseEncoder, tuple[int, ...]]:
-    """Wrap the chosen blocks of an open_clip ``VisionTransformer`` in place; return the noise encoder."""
+    """Wrap the chosen blocks of an open_clip ``VisionTransformer`` in place; return the noise encoder.
+
+    ``noise_crop`` (the side of the noise branch's crop) sets the ``"patch"`` stem's patch:
+    the crop divided by the token grid, so that each token sees its own patch of residuals.
+    """
     transformer = getattr(visual, "transformer", None)
     resblocks = getattr(transformer, "resblocks", None)
     if not isinstance(resblocks, nn.ModuleList) or not hasattr(visual, "grid_size"):
@@ -237,6 +323,8 @@ def inject_cdfa(
         channels=spec.noise_channels,
         bayar_kernels=spec.bayar_kernels,
         bayar_size=spec.bayar_size,
+        stem=spec.noise_stem,
+        patch=max(1, noise_crop // grid[0]),
     )
     return encoder, blocks
 

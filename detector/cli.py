@@ -89,6 +89,8 @@ def train(
         "--bottleneck", min=1, help="dski: adapter bottleneck width [default: 16]")] = None,
     context_tokens: Annotated[int | None, typer.Option(
         "--context-tokens", min=0, help="dski: learnable prompt context tokens [default: 4]")] = None,
+    noise_stem: Annotated[str | None, typer.Option(
+        "--noise-stem", help="dski: conv | patch, how residuals become tokens [default: conv]")] = None,
     noise_crop: Annotated[int, typer.Option(
         "--noise-crop", min=8, help="side of the native-resolution crop of the noise branch")] = 64,
     max_frames: Annotated[int, typer.Option("--max-frames", min=1, help="frames sampled per object")] = 4,
@@ -105,7 +107,8 @@ def train(
                        resume=resume, overwrite=overwrite, name=name, version=version,
                        retrieval=RetrievalSettings(k=k, lam=lam, temperature=temperature),
                        cdfa_blocks=parse_blocks(cdfa_blocks), cdfa_num_blocks=cdfa_num_blocks,
-                       bottleneck=bottleneck, context_tokens=context_tokens, noise_crop=noise_crop,
+                       bottleneck=bottleneck, context_tokens=context_tokens, noise_stem=noise_stem,
+                       noise_crop=noise_crop,
                        max_frames=max_frames, device=device, progress=progress)
     val = result.validation["with_mfrm"]["overall"]
     typer.echo(f"bundle {result.bundle} ({result.manifest.name}@{result.manifest.version}), "

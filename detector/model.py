@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from detector.backbone import build_backbone
-from detector.cdfa import CDFABlock, NoiseContext, inject_cdfa
+from detector.cdfa import CDFABlock, FoldedStem, NoiseContext, inject_cdfa
 from detector.head import VisionLanguageHead, modality_index
 from detector.spec import ModelSpec
 
@@ -124,7 +124,12 @@ class DSKIModel(ForensicModel):
         self.backbone = clip
         # Per-model, per-thread slot through which the CDFA blocks see this forward's noise tokens.
         self._noise_context = NoiseContext()
-        self.noise_encoder, self.cdfa_block_indices = inject_cdfa(clip.visual, spec.cdfa, self._noise_context)
+        # The noise stem folded into one convolution (prepare_inference); None while training.
+        self._folded_stem: FoldedStem | None = None
+        self.register_load_state_dict_pre_hook(self._drop_folded_stem)
+        self.noise_encoder, self.cdfa_block_indices = inject_cdfa(
+            clip.visual, spec.cdfa, self._noise_context, spec.noise_crop
+        )
         self.head = VisionLanguageHead(spec.head, clip, tokenizer)
         size = clip.visual.image_size
         self.image_size: int = size[0] if isinstance(size, (tuple, list)) else int(size)
@@ -143,6 +148,8 @@ class DSKIModel(ForensicModel):
 
     def train(self, mode: bool = True) -> DSKIModel:
         super().train(mode)
+        if mode:
+            self._folded_stem = None  # the weights are about to change
         # The frozen backbone always runs as at inference (no patch dropout); only adapters train.
         self.backbone.eval()
         for blk in self.cdfa_blocks():
@@ -152,12 +159,20 @@ class DSKIModel(ForensicModel):
     def prepare_inference(self) -> DSKIModel:
         self.eval()
         self.head.cache_text_embeddings()
+        self._folded_stem = self.noise_encoder.fold()
         return self
+
+    def _drop_folded_stem(self, *_: Any) -> None:
+        self._folded_stem = None  # computed from weights that are about to be replaced
+
+    def noise_tokens(self, noise: torch.Tensor) -> torch.Tensor:
+        """The noise branch's tokens, (B, grid², width), folded after ``prepare_inference``."""
+        return self.noise_encoder(noise, self._folded_stem)
 
     def image_embedding(self, semantic: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
         """The adapted CLIP image embedding, (B, D), not normalised."""
         self._check_inputs(semantic, noise, self.image_size)
-        return self.adapted_embedding(semantic, self.noise_encoder(noise))
+        return self.adapted_embedding(semantic, self.noise_tokens(noise))
 
     def adapted_embedding(self, semantic: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
         """The adapted ViT's embedding, (B, D), for noise ``tokens`` from ``noise_encoder``."""

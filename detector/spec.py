@@ -35,6 +35,12 @@ class CDFASpec(_Strict):
     noise_channels: int = Field(16, ge=1)  # width of the noise-domain patch embedding stem
     bayar_kernels: int = Field(3, ge=1)
     bayar_size: int = Field(5, ge=3)
+    # How the residuals become one feature vector per ViT patch (detector.cdfa.NoiseEncoder):
+    # "conv", a 3x3 convolution at full resolution then a strided 3x3, pooled to the grid;
+    # "patch", one convolution with kernel = stride = noise crop / grid, which at inference
+    # folds with the residual filters into a single strided convolution (a backbone as small
+    # as dski-tiny would otherwise spend as much arithmetic on its noise branch as on itself).
+    noise_stem: Literal["conv", "patch"] = "conv"
 
 
 class HeadSpec(_Strict):

@@ -236,24 +236,28 @@ def train(
     cdfa_num_blocks: int | None = None,
     bottleneck: int | None = None,
     context_tokens: int | None = None,
+    noise_stem: str | None = None,
     noise_crop: int = 64,
     device: str = "cpu",
     progress: bool = True,
 ) -> TrainResult:
     """Train ``method`` on ``data`` and write the bundle folder ``out``; see the module docstring.
 
-    ``cdfa_blocks``, ``cdfa_num_blocks``, ``bottleneck`` and ``context_tokens`` (None:
-    the ``ModelSpec`` default) configure DSKI only and are refused for other methods.
+    ``cdfa_blocks``, ``cdfa_num_blocks``, ``bottleneck``, ``context_tokens`` and
+    ``noise_stem`` (None: the ``ModelSpec`` default) configure DSKI only and are refused
+    for other methods.
     """
     if epochs < 0:
         raise TrainingError("epochs", f"must be >= 0, got {epochs}")
     if batch_size < 1:
         raise TrainingError("batch-size", f"must be >= 1, got {batch_size}")
     dski_only = {"cdfa-blocks": cdfa_blocks, "cdfa-num-blocks": cdfa_num_blocks, "bottleneck": bottleneck,
-                 "context-tokens": context_tokens}
+                 "context-tokens": context_tokens, "noise-stem": noise_stem}
     given = [f"--{k}" for k, v in dski_only.items() if v is not None]
     if method != "dski" and given:
         raise TrainingError(method, f"{', '.join(given)} configure DSKI only, not method {method}")
+    if noise_stem not in (None, "conv", "patch"):
+        raise TrainingError("noise-stem", f"must be conv or patch, got {noise_stem!r}")
     if cdfa_blocks is not None and cdfa_num_blocks is not None:
         raise TrainingError("cdfa-blocks", "give --cdfa-blocks or --cdfa-num-blocks, not both")
     torch_device = resolve_device(device)
@@ -273,7 +277,8 @@ def train(
             raise DatasetError(data, f"the {label} split needs real and fake images "
                                      f"(got {summarise(part)['n_real']} real, {summarise(part)['n_fake']} fake)")
     cdfa = CDFASpec(**{k: v for k, v in (("blocks", None if cdfa_blocks is None else tuple(cdfa_blocks)),
-                                         ("num_blocks", cdfa_num_blocks), ("bottleneck", bottleneck))
+                                         ("num_blocks", cdfa_num_blocks), ("bottleneck", bottleneck),
+                                         ("noise_stem", noise_stem))
                        if v is not None})
     head = HeadSpec() if context_tokens is None else HeadSpec(context_tokens=context_tokens)
     spec = make_spec(method, backbone, Path(checkpoint) if checkpoint is not None else None,

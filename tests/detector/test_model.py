@@ -14,7 +14,7 @@ from detector.errors import CheckpointError
 from detector.methods import build_model
 from detector.model import DSKIModel
 from detector.noise import BayarConv2d, SRMResidual, npr_residual, srm_kernels
-from detector.spec import BackboneSpec, ModelSpec
+from detector.spec import BackboneSpec, CDFASpec, ModelSpec
 
 B = 4
 
@@ -137,6 +137,61 @@ def test_fused_residuals_equal_the_three_extractors_and_carry_gradients():
     assert torch.allclose(other.residuals(x), torch.cat([other.srm(x), other.bayar(x), npr_residual(x)], 1))
     with pytest.raises(ValueError, match="per_channel"):
         SRMResidual(per_channel=False).dense_kernels()
+
+
+@pytest.mark.parametrize(("patch", "size"), [(8, 64), (8, 72), (4, 37), (6, 50), (2, 13)])
+def test_patch_stem_folds_into_one_convolution(patch, size):
+    """Residual filters then the patch convolution equal the folded kernel, borders and odd sizes included."""
+    from detector.cdfa import NoiseEncoder
+
+    enc = NoiseEncoder(width=32, grid=4, stem="patch", patch=patch)
+    with torch.no_grad():
+        enc.bayar.weight.normal_()  # a trained-looking Bayar bank, not the feasible start
+        enc.bayar.project_()
+        enc.stem[0].weight.normal_()
+    folded = enc.fold()
+    assert folded is not None and folded.stride == patch
+    assert folded.weight.shape == (16, 3, patch + 4, patch + 4)
+    x = torch.rand(3, 3, size, size)
+    with torch.no_grad():
+        plain = enc.stem(enc.residuals(x))
+        p = folded.pad
+        one = F.conv2d(F.pad(x, (p, p, p, p), mode="reflect"), folded.weight, folded.bias, stride=patch)
+        reference = enc.stem[0](enc.residuals(x))
+        assert (one - reference).abs().max() <= 1e-5 * reference.abs().max()
+        assert torch.allclose(enc(x, folded), enc(x), atol=1e-5)
+    assert plain.shape[-1] == size // patch
+
+
+def test_only_a_patch_stem_with_an_even_patch_folds():
+    from detector.cdfa import NoiseEncoder
+
+    assert NoiseEncoder(width=32, grid=4).fold() is None  # "conv": a GELU between its convolutions
+    assert NoiseEncoder(width=32, grid=4, stem="patch", patch=7).fold() is None  # NPR's 2x2 cells
+    assert NoiseEncoder(width=32, grid=4, stem="patch", patch=8, bayar_size=3).fold() is None
+    with pytest.raises(ValueError, match="unknown noise stem 'pixel'"):
+        NoiseEncoder(width=32, grid=4, stem="pixel")
+
+
+def test_inference_takes_the_folded_stem_and_training_does_not():
+    spec = ModelSpec(cdfa=CDFASpec(noise_stem="patch"))
+    model = DSKIModel(spec)
+    assert model.noise_encoder.stem[0].kernel_size == (8, 8)  # 64 px crop over the 8x8 token grid
+    semantic, noise, modality = _batch(spec)
+    _train_step(model, semantic, noise, modality)
+    model.eval()
+    with torch.no_grad():
+        plain = model(semantic, noise, modality)
+    model.prepare_inference()
+    assert model._folded_stem is not None
+    with torch.no_grad():
+        assert torch.allclose(model(semantic, noise, modality), plain, atol=1e-5)
+    state = copy.deepcopy(model.state_dict())
+    model.load_state_dict(state)  # new weights: the fold made from the old ones is dropped
+    assert model._folded_stem is None
+    model.prepare_inference()
+    model.train()
+    assert model._folded_stem is None
 
 
 def test_npr_on_known_4x4_and_odd_sizes():
