@@ -35,7 +35,13 @@ from sklearn.metrics import roc_auc_score
 
 from detector.errors import BundleError
 from detector.metrics import best_threshold
-from detector.retrieval import SupportBank, fuse, l2_normalise, retrieval_probability
+from detector.retrieval import (
+    SupportBank,
+    current_umask,
+    fuse,
+    l2_normalise,
+    retrieval_probability,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -126,6 +132,9 @@ def save_calibration(bundle: Path | str, cal: CalibrationSet) -> Path:
     path = Path(bundle) / CALIBRATION_FILE
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".calibration-", suffix=".npz")
     try:
+        # mkstemp makes the file private (0600); a bundle must be readable like its other files
+        # (the node may run as another user than the one who trained or amended the bundle).
+        os.fchmod(fd, 0o666 & ~current_umask())
         with os.fdopen(fd, "wb") as fh:
             np.savez(fh, classifier=cal.classifier, embeddings=cal.embeddings, labels=cal.labels,
                      modalities=np.array(cal.modalities, dtype=str), generators=np.array(cal.generators, dtype=str),

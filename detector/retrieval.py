@@ -126,7 +126,8 @@ EMPTY_BANK_DIGEST = bank_digest(np.zeros((0, 1), np.float32), [])
 """Digest of every empty bank (no embeddings, no entries)."""
 
 
-def _umask() -> int:
+def current_umask() -> int:
+    """The process's umask (read by setting and restoring it: there is no getter)."""
     mask = os.umask(0)
     os.umask(mask)
     return mask
@@ -308,7 +309,7 @@ class SupportBank:
             }
             (tmp / ENTRIES_FILE).write_text(json.dumps(doc, indent=1) + "\n", encoding="utf-8")
             # mkdtemp makes a private (0700) folder; a bank must be readable like any other file.
-            os.chmod(tmp, 0o777 & ~_umask())
+            os.chmod(tmp, 0o777 & ~current_umask())
             old = None
             if folder.exists():
                 old = folder.parent / f".{folder.name}.old.{os.getpid()}"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 
 import numpy as np
@@ -119,7 +120,13 @@ def test_degenerate_sets_keep_the_current_fusion(rng):
 def test_calibration_set_round_trip_and_edits(rng, tmp_path):
     _, cal = _scenario(rng, support_cls=0.3, new_cls_informative=False)
     assert load_calibration(tmp_path) is None  # an older bundle has none
-    save_calibration(tmp_path, cal)
+    old_mask = os.umask(0o022)
+    try:
+        save_calibration(tmp_path, cal)
+    finally:
+        os.umask(old_mask)
+    # readable like the bundle's other files, not private as the temporary file it was written to
+    assert (tmp_path / CALIBRATION_FILE).stat().st_mode & 0o777 == 0o644
     back = load_calibration(tmp_path)
     assert back is not None and len(back) == len(cal) == 70
     np.testing.assert_allclose(back.classifier, cal.classifier)
