@@ -3,7 +3,8 @@ reduced-precision inference paths against fp32.
 
     python -m benchmarks.detect [--models vit-b-16,default] [--batches 1,8] [--reps 5]
         [--candidates bf16,int8-dynamic,bf16-autocast,threads-1,compile]
-        [--accuracy-data DIR] [--no-throughput] [--no-precision] [--parts] [--out benchmarks/out/detect.json]
+        [--accuracy-data DIR] [--no-throughput] [--no-precision] [--parts] [--ladder]
+        [--out benchmarks/out/detect.json]
 
 Models:
 
@@ -42,6 +43,12 @@ Parts (part 3, ``--parts``): where the DSKI step's time goes, per model at batch
 the head with softmax, and the retrieval query, each timed alternately as in part 1
 (milliseconds per batch), with the floating-point operations per image that
 ``torch.utils.flop_counter`` counts for the backbone, the adapted ViT and the noise encoder.
+
+Ladder (``--ladder``): the DSKI step built up stage by stage at batch ``--parts-batch``, each
+stage's throughput paired with the bare backbone's in every repetition: the adapted ViT
+given precomputed noise tokens, then with the noise branch, then with the head, then the
+whole step (softmax, retrieval, fusion). A stage costs more inside the step than alone,
+where it shares the caches with the ViT; the ladder measures it there.
 
 Every measurement records the load average (``os.getloadavg``) before and after; the machine
 facts go into the JSON result.
@@ -293,6 +300,38 @@ def parts(setup: Setup, batch: int, reps: int, target_s: float) -> dict[str, Any
     return row
 
 
+def ladder(setup: Setup, batch: int, reps: int, target_s: float) -> dict[str, Any]:
+    """The DSKI step built up one stage at a time, each paired with the bare backbone.
+
+    Isolated parts (``parts``) undercount what a stage costs inside the step, where it
+    shares the caches with the ViT; the ladder measures each stage where it runs.
+    """
+    model, clip = setup.model, bare_backbone(setup.model)
+    semantic, noise, modality = inputs(setup, batch)
+    with torch.inference_mode():
+        tokens = model.noise_tokens(noise)
+
+    def timed(fn: Callable[[], Any]) -> Callable[[], Any]:
+        def call() -> Any:
+            with torch.inference_mode():
+                return fn()
+        return call
+
+    variants = {
+        "backbone": timed(lambda: clip.encode_image(semantic)),
+        "adapted_vit": timed(lambda: model.adapted_embedding(semantic, tokens)),
+        "plus_noise_branch": timed(lambda: model.image_embedding(semantic, noise)),
+        "plus_head": timed(lambda: model.embed_and_logits(semantic, noise, modality)),
+        "dski": lambda: dski_step(model, setup, semantic, noise, modality),  # + softmax, retrieval, fusion
+    }
+    res = alternate(variants, batch, reps, target_s)
+    ratios = {n: ratio_of(res, n, "backbone") for n in variants}
+    print(f"[ladder] {setup.name}, batch {batch}, throughput / backbone's (median of {reps} paired): "
+          + ", ".join(f"{n} {r:.3f}" for n, r in ratios.items())
+          + f"  load {res['loadavg'][0][0]}..{res['loadavg'][-1][0]}", flush=True)
+    return {"model": setup.name, "batch": batch, "ratio_to_backbone": ratios, **res}
+
+
 # --------------------------------------------------------------------------- part 1
 def throughput(setup: Setup, batches: list[int], reps: int, target_s: float) -> list[dict[str, Any]]:
     clip = bare_backbone(setup.model)
@@ -479,6 +518,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-precision", action="store_true")
     ap.add_argument("--parts", action="store_true", help="also time the parts of the DSKI step (part 3)")
     ap.add_argument("--parts-batch", type=int, default=8)
+    ap.add_argument("--ladder", action="store_true",
+                    help="also time the DSKI step built up stage by stage, paired with the backbone")
     ap.add_argument("--out", type=Path, default=REPO / "benchmarks" / "out" / "detect.json")
     args = ap.parse_args(argv)
 
@@ -489,7 +530,7 @@ def main(argv: list[str] | None = None) -> int:
     names = [c for c in args.candidates.split(",") if c]
     result: dict[str, Any] = {"machine": machine_facts(), "torch": torch.__version__,
                               "threads": torch.get_num_threads(), "args": {k: str(v) for k, v in vars(args).items()},
-                              "throughput": [], "precision": [], "accuracy": [], "parts": []}
+                              "throughput": [], "precision": [], "accuracy": [], "parts": [], "ladder": []}
     print(f"machine: {result['machine'].get('cpu_model')}, {result['machine']['cpus']} CPUs, torch "
           f"{torch.__version__}, {torch.get_num_threads()} threads, load {result['machine']['loadavg']}", flush=True)
     for m in models:
@@ -498,6 +539,8 @@ def main(argv: list[str] | None = None) -> int:
             result["throughput"] += throughput(setup, batches, args.reps, args.target_s)
         if args.parts:
             result["parts"].append(parts(setup, args.parts_batch, args.reps, args.target_s))
+        if args.ladder:
+            result["ladder"].append(ladder(setup, args.parts_batch, args.reps, args.target_s))
         if not args.no_precision and names:
             result["precision"] += precision_candidates(setup, names, args.precision_batch,
                                                         args.precision_reps, args.target_s)
