@@ -235,6 +235,14 @@ def ratio_of(res: dict[str, Any], num: str, den: str) -> float:
 
 
 # --------------------------------------------------------------------------- part 3
+def in_inference_mode(fn: Callable[[], Any]) -> Callable[[], Any]:
+    """``fn`` wrapped to run under ``torch.inference_mode``, as the node's scoring runs."""
+    def call() -> Any:
+        with torch.inference_mode():
+            return fn()
+    return call
+
+
 def flops_per_image(fn: Callable[[], Any], batch: int, modules: list[nn.Module]) -> float:
     """Floating-point operations of one call of ``fn`` per image, as ``torch.utils.flop_counter``
     counts them (matmuls, attention and convolutions; elementwise work is not counted).
@@ -266,18 +274,12 @@ def parts(setup: Setup, batch: int, reps: int, target_s: float) -> dict[str, Any
         emb = model.embed(semantic, noise)
     emb_np = emb.numpy().astype(np.float32)
 
-    def timed(fn: Callable[[], Any]) -> Callable[[], Any]:
-        def call() -> Any:
-            with torch.inference_mode():
-                return fn()
-        return call
-
     variants = {
-        "backbone": timed(lambda: clip.encode_image(semantic)),
-        "adapted_vit": timed(lambda: model.adapted_embedding(semantic, tokens)),
-        "noise_encoder": timed(lambda: model.noise_tokens(noise)),
-        "residuals": timed(lambda: model.noise_encoder.residuals(noise)),
-        "head": timed(lambda: torch.softmax(model.head(emb, modality).float(), dim=-1)),
+        "backbone": in_inference_mode(lambda: clip.encode_image(semantic)),
+        "adapted_vit": in_inference_mode(lambda: model.adapted_embedding(semantic, tokens)),
+        "noise_encoder": in_inference_mode(lambda: model.noise_tokens(noise)),
+        "residuals": in_inference_mode(lambda: model.noise_encoder.residuals(noise)),
+        "head": in_inference_mode(lambda: torch.softmax(model.head(emb, modality).float(), dim=-1)),
         "retrieval": lambda: setup.bank.fake_probability(emb_np, setup.k, setup.temperature),
         "dski": lambda: dski_step(model, setup, semantic, noise, modality),
     }
@@ -303,25 +305,19 @@ def parts(setup: Setup, batch: int, reps: int, target_s: float) -> dict[str, Any
 def ladder(setup: Setup, batch: int, reps: int, target_s: float) -> dict[str, Any]:
     """The DSKI step built up one stage at a time, each paired with the bare backbone.
 
-    Isolated parts (``parts``) undercount what a stage costs inside the step, where it
-    shares the caches with the ViT; the ladder measures each stage where it runs.
+    A stage timed alone (``parts``) costs less than it adds inside the step, beside the
+    ViT; the ladder measures what each stage adds there.
     """
     model, clip = setup.model, bare_backbone(setup.model)
     semantic, noise, modality = inputs(setup, batch)
     with torch.inference_mode():
         tokens = model.noise_tokens(noise)
 
-    def timed(fn: Callable[[], Any]) -> Callable[[], Any]:
-        def call() -> Any:
-            with torch.inference_mode():
-                return fn()
-        return call
-
     variants = {
-        "backbone": timed(lambda: clip.encode_image(semantic)),
-        "adapted_vit": timed(lambda: model.adapted_embedding(semantic, tokens)),
-        "plus_noise_branch": timed(lambda: model.image_embedding(semantic, noise)),
-        "plus_head": timed(lambda: model.embed_and_logits(semantic, noise, modality)),
+        "backbone": in_inference_mode(lambda: clip.encode_image(semantic)),
+        "adapted_vit": in_inference_mode(lambda: model.adapted_embedding(semantic, tokens)),
+        "plus_noise_branch": in_inference_mode(lambda: model.image_embedding(semantic, noise)),
+        "plus_head": in_inference_mode(lambda: model.embed_and_logits(semantic, noise, modality)),
         "dski": lambda: dski_step(model, setup, semantic, noise, modality),  # + softmax, retrieval, fusion
     }
     res = alternate(variants, batch, reps, target_s)

@@ -77,3 +77,10 @@ def test_parts_time_every_part_and_count_attention(setup: detect.Setup) -> None:
     assert flops["noise_encoder"] > 0
     # counting switched modes for a moment only
     assert not setup.model.training and not setup.model.backbone.training
+
+
+def test_ladder_builds_the_step_up_stage_by_stage(setup: detect.Setup) -> None:
+    row = detect.ladder(setup, batch=2, reps=1, target_s=0.01)
+    assert list(row["ratio_to_backbone"]) == ["backbone", "adapted_vit", "plus_noise_branch", "plus_head", "dski"]
+    assert row["ratio_to_backbone"]["backbone"] == 1.0
+    assert all(r > 0 for r in row["ratio_to_backbone"].values())
