@@ -155,6 +155,10 @@ def test_train_options_configure_cdfa_head_and_preprocessing(tmp_path, trace_dat
     assert det.model.cdfa_blocks()[0].adapter.down.out_features == 8
     _run(["train", *common, "--out", str(tmp_path / "b"), "--cdfa-num-blocks", "2", "--epochs", "0"])
     assert Detector.load(tmp_path / "b").model.cdfa_block_indices == (0, 2)
+    _run(["train", *common, "--out", str(tmp_path / "p"), "--noise-stem", "patch", "--epochs", "0"])
+    patched = Detector.load(tmp_path / "p").model
+    assert read_manifest(tmp_path / "p").spec.cdfa.noise_stem == "patch"
+    assert patched._folded_stem is not None  # loaded for inference: the one-convolution path
 
     runner = CliRunner()
     for extra, word in ((["--cdfa-blocks", "1,9"], "out of range"),
@@ -162,6 +166,8 @@ def test_train_options_configure_cdfa_head_and_preprocessing(tmp_path, trace_dat
                         (["--cdfa-blocks", "1", "--cdfa-num-blocks", "2"], "not both"),
                         (["--method", "npr", "--bottleneck", "8"], "DSKI only"),
                         (["--method", "univfd", "--context-tokens", "2"], "DSKI only"),
+                        (["--method", "npr", "--noise-stem", "patch"], "DSKI only"),
+                        (["--noise-stem", "pixel"], "must be conv or patch"),
                         (["--device", "tpu"], "cpu, cuda or cuda:N")):
         r = runner.invoke(app, ["train", *common, "--out", str(tmp_path / "bad"), *extra])
         assert r.exit_code == 2 and word in r.stderr, (extra, r.output)
