@@ -183,8 +183,12 @@ class VisionLanguageHead(nn.Module):
         modality = modality.to(device=image_embedding.device, dtype=torch.long)
         if modality.shape != (b,):
             raise ValueError(f"modality must be ({b},), got {tuple(modality.shape)}")
-        if b and (int(modality.min()) < 0 or int(modality.max()) >= len(self.modalities)):
-            raise ValueError(f"modality indices must lie in [0, {len(self.modalities)})")
+        if b:
+            lowest, highest = torch.aminmax(modality)
+            if int(lowest) < 0 or int(highest) >= len(self.modalities):
+                raise ValueError(f"modality indices must lie in [0, {len(self.modalities)})")
         img = F.normalize(image_embedding.float(), dim=-1)
-        text = self.text_embeddings(modality)
-        return self.logit_scale() * torch.einsum("bd,bkd->bk", img, text)
+        text = self.text_embeddings(modality)  # (B, 2, D)
+        # bmm rather than einsum: the same products, without einsum's per-call planning (a
+        # fifth of the head's time at the default bundle's size)
+        return self.logit_scale() * torch.bmm(text, img.unsqueeze(-1)).squeeze(-1)
