@@ -8,7 +8,6 @@ pydicom. The File Meta header the spool file gets is built here too.
 
 from __future__ import annotations
 
-import dataclasses
 import re
 import struct
 from collections.abc import Callable, Mapping
@@ -151,7 +150,7 @@ def parse_header(data: bytes, *, max_pixels: int) -> ObjectHeader:
         raise InvalidObjectError(STATUS_CANNOT_UNDERSTAND, f"not a readable DICOM dataset: {type(exc).__name__}: {exc}") from exc
     if len(transfer_syntax) <= 64:  # valid_uid's: _fast_meta took only UID text, without padding
         uids["TransferSyntaxUID"] = transfer_syntax
-    return _checked_header(ds, values.get, transfer_syntax, max_pixels, uids, _new_header)
+    return _checked_header(ds, values.get, transfer_syntax, max_pixels, uids)
 
 
 def parse_header_reference(data: bytes, *, max_pixels: int) -> ObjectHeader:
@@ -196,13 +195,12 @@ def _checked_header(
     transfer_syntax: str,
     max_pixels: int,
     valid_uids: Mapping[str, str] = _NO_UIDS,
-    new_header: Callable[..., ObjectHeader] = ObjectHeader,
 ) -> ObjectHeader:
     """The validated ``ObjectHeader`` of a header data set read by either path; ``get(keyword)``
     is ``ds.get(keyword)`` (the fast path has the values at hand: ``Dataset.get`` costs
     microseconds a call), ``valid_uids`` what ``valid_uid`` gives for some of the UIDs, by
     keyword, ``TransferSyntaxUID`` for ``transfer_syntax`` (the fast path has validated them
-    as strictly already), ``new_header`` what makes the ``ObjectHeader`` of its fields."""
+    as strictly already)."""
     uids: dict[str, str] = {}
     for keyword in ("SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID"):
         known = valid_uids.get(keyword)
@@ -235,7 +233,7 @@ def _checked_header(
     except Exception as exc:
         raise InvalidObjectError(STATUS_CANNOT_UNDERSTAND, f"unreadable header value: {type(exc).__name__}: {exc}") from exc
 
-    return new_header(
+    return ObjectHeader(
         sop_class_uid=uids["SOPClassUID"],
         sop_instance_uid=uids["SOPInstanceUID"],
         study_instance_uid=uids["StudyInstanceUID"],
@@ -246,30 +244,6 @@ def _checked_header(
         pixels=pixels,
         dataset=ds,
     )
-
-
-def _header_by_state() -> bool:
-    """Whether an ``ObjectHeader`` is just its fields, in order, in its instance dict."""
-    names = tuple(field.name for field in dataclasses.fields(ObjectHeader))
-    probe = ObjectHeader(*names)  # type: ignore[arg-type]
-    return (
-        not hasattr(ObjectHeader, "__post_init__")
-        and not hasattr(ObjectHeader, "__slots__")
-        and tuple(vars(probe).items()) == tuple(zip(names, names, strict=True))
-    )
-
-
-_HEADER_BY_STATE = _header_by_state()
-
-
-def _new_header(**fields: Any) -> ObjectHeader:
-    """``ObjectHeader(**fields)``, the fields given in their order: a frozen dataclass's
-    ``__init__`` sets each through ``object.__setattr__``, which costs three times this."""
-    if not _HEADER_BY_STATE:  # another ObjectHeader: its own constructor
-        return ObjectHeader(**fields)
-    header = object.__new__(ObjectHeader)
-    header.__dict__.update(fields)
-    return header
 
 
 _VR_LONG = frozenset(b"OB OD OF OL OV OW SQ SV UC UN UR UT UV".split())

@@ -10,7 +10,7 @@ offsets, the same refusals. Likewise ``_fast_meta``, which takes the File Meta l
 pydicom and pynetdicom write with one pattern and walks any other (the walk it was is
 kept here too). Also: the patterns' tag test against its definition, the possessive UID
 pattern against the backtracking one, the UIDs the fast path hands ``_checked_header`` as
-valid, and the ``ObjectHeader`` and ``DataElement`` it makes without their ``__init__``.
+valid, and the ``DataElement`` it makes without its ``__init__``.
 """
 
 from __future__ import annotations
@@ -35,7 +35,6 @@ from listener.header import (
     _EXPLICIT_ELEMENT,
     _EXPLICIT_HEADER_RUN,
     _EXPLICIT_RUN,
-    _HEADER_BY_STATE,
     _HEADER_TAG_SET,
     _IMPLICIT_ELEMENT,
     _IMPLICIT_HEADER_RUN,
@@ -54,7 +53,6 @@ from listener.header import (
     _VR_LENGTH,
     _VR_LONG,
     InvalidObjectError,
-    ObjectHeader,
     _fast_elements,
     _fast_explicit_header,
     _fast_implicit_header,
@@ -64,7 +62,6 @@ from listener.header import (
     _header_dataset,
     _is_sequence,
     _is_uid_text,
-    _new_header,
     _plain_element,
     _rest_complete,
     _skip_sequence,
@@ -568,20 +565,6 @@ def test_a_transfer_syntax_longer_than_a_uid() -> None:
 
 
 # --------------------------------------------------------------------------- objects made without __init__
-
-
-def test_headers_made_from_their_fields_equal_constructed_ones() -> None:
-    assert _HEADER_BY_STATE  # this ObjectHeader: the fast way is the one in use
-    fields = {"sop_class_uid": "1.2", "sop_instance_uid": "1.2.3", "study_instance_uid": "1.4",
-              "series_instance_uid": "1.5", "transfer_syntax_uid": "1.2.840.10008.1.2", "patient_id": None,
-              "modality": "CT", "pixels": 16}
-    for dataset in (None, "a data set"):
-        made, constructed = _new_header(**fields, dataset=dataset), ObjectHeader(**fields, dataset=dataset)
-        assert type(made) is ObjectHeader
-        assert list(vars(made).items()) == list(vars(constructed).items())
-        assert made == constructed and hash(made) == hash(constructed) and repr(made) == repr(constructed)
-        with pytest.raises(AttributeError):  # frozen, as constructed ones are
-            made.pixels = 1  # type: ignore[misc]
 
 
 def test_elements_made_from_their_attributes_equal_constructed_ones() -> None:
