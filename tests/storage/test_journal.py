@@ -279,14 +279,20 @@ class _Switchable:
         return self.repo.recorded_receipts(receipts)
 
 
-def test_database_down_keeps_the_objects_refuses_new_ones_and_catches_up(
-    tmp_path: Path, database: Database, db_path: Path
-) -> None:
+def _opened_with_database_down(tmp_path: Path, database: Database) -> tuple[Spool, _Switchable, JournaledStore]:
+    """A journaled store whose commits fail until ``repo.down`` is cleared: nothing gets applied."""
     spool = Spool(tmp_path / "spool", 0)
     repo = _Switchable(Repository(database))
     repo.down.set()
     store = JournaledStore(_settings(tmp_path), spool, repo)  # type: ignore[arg-type]
     store.open()
+    return spool, repo, store
+
+
+def test_database_down_keeps_the_objects_refuses_new_ones_and_catches_up(
+    tmp_path: Path, database: Database, db_path: Path
+) -> None:
+    spool, repo, store = _opened_with_database_down(tmp_path, database)
     blob = os.urandom(10000)
     store.store(_entry(store, "1.2.9.1", len(blob)), blob)  # durable in the journal: acknowledged
     deadline = 100
@@ -343,11 +349,7 @@ def test_an_object_that_cannot_be_recorded_is_quarantined_and_does_not_block_the
 
 
 def test_a_crash_before_applying_loses_nothing(tmp_path: Path, database: Database, db_path: Path) -> None:
-    spool = Spool(tmp_path / "spool", 0)
-    repo = _Switchable(Repository(database))
-    repo.down.set()  # nothing gets applied before the crash
-    store = JournaledStore(_settings(tmp_path), spool, repo)  # type: ignore[arg-type]
-    store.open()
+    spool, _, store = _opened_with_database_down(tmp_path, database)  # nothing gets applied before the crash
     blobs = {f"1.2.8.{i}": os.urandom(15000) for i in range(12)}
     for uid, blob in blobs.items():
         store.store(_entry(store, uid, len(blob)), blob)
@@ -387,11 +389,7 @@ def test_records_applied_before_a_crash_are_not_recorded_again(
 
 
 def test_a_file_cut_short_by_a_crash_is_written_whole_again(tmp_path: Path, database: Database, db_path: Path) -> None:
-    spool = Spool(tmp_path / "spool", 0)
-    repo = _Switchable(Repository(database))
-    repo.down.set()
-    store = JournaledStore(_settings(tmp_path), spool, repo)  # type: ignore[arg-type]
-    store.open()
+    spool, _, store = _opened_with_database_down(tmp_path, database)
     blob = os.urandom(30000)
     entry = _entry(store, "1.2.6.1", len(blob))
     store.store(entry, blob)
@@ -458,11 +456,7 @@ def test_write_planned_takes_only_paths_plan_makes(tmp_path: Path, path: str) ->
 def test_a_record_naming_a_foreign_path_is_set_aside_and_the_others_applied(
     tmp_path: Path, database: Database, db_path: Path
 ) -> None:
-    spool = Spool(tmp_path / "spool", 0)
-    repo = _Switchable(Repository(database))
-    repo.down.set()
-    store = JournaledStore(_settings(tmp_path), spool, repo)  # type: ignore[arg-type]
-    store.open()
+    spool, _, store = _opened_with_database_down(tmp_path, database)
     good = os.urandom(5000)
     store.store(_entry(store, "1.2.4.1", len(good)), good)
     bad = _entry(store, "1.2.4.2", 10)
