@@ -210,6 +210,23 @@ def descendants(pid: int) -> list[int]:
     return found
 
 
+def tree_cpu_seconds(pid: int) -> float:
+    """User plus system CPU seconds of a process and its live descendants, including the
+    children each of them has already reaped (``cutime``/``cstime``): storescp --fork's
+    association processes count once whether they are still running, zombies, or gone."""
+    tick = os.sysconf("SC_CLK_TCK")
+    total = 0
+    for member in [pid, *descendants(pid)]:
+        try:
+            with open(f"/proc/{member}/stat") as fh:
+                # the command name may hold spaces: the fields after it start past the ')'
+                fields = fh.read().rpartition(")")[2].split()
+        except OSError:  # it exited meanwhile
+            continue
+        total += sum(int(v) for v in fields[11:15])  # utime stime cutime cstime
+    return total / tick
+
+
 def tree_memory(pid: int, keys: Sequence[str] = ("VmRSS", "VmHWM")) -> dict[str, int]:
     """``keys`` of ``/proc/PID/status`` in bytes, summed over a process and its descendants
     (a node with its receiver processes). Pages they share count once per process, and

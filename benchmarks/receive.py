@@ -39,6 +39,14 @@ with fresh output folders, so that a busy machine hits all alike. Printed: insta
 each run, the median, and the ratio to storescp per association count (median of the
 per-repetition ratios).
 
+CPU per instance, a diagnostic beside each rate: the user and system CPU of the receiver's
+process tree (the node with its receiver processes; storescp with its forked children)
+from the first storescu's start to half a second after the last one's exit (the journal
+applier's last batch), and that of the storescu processes, each divided by the instance
+count. With eight associations on two cores, receiver plus storescu CPU is what bounds
+the rate. Kernel work done on a process's behalf in other threads (the file system's
+journal thread flushing what an fsync asked for) is not counted.
+
 Latency: a pynetdicom SCU in this process sends ``--latency-count`` instances one at a
 time over one association and times each C-STORE request until its response (so the
 figure includes pynetdicom's own client overhead, about 1-3 ms; the client socket gets
@@ -60,6 +68,7 @@ import argparse
 import io
 import json
 import os
+import resource
 import signal
 import socket
 import subprocess
@@ -80,12 +89,14 @@ from benchmarks.common import (
     require,
     run_storescu_parallel,
     split,
+    tree_cpu_seconds,
     wait_port,
     write_json,
 )
 
 REPO = Path(__file__).resolve().parent.parent
 NODE_AET = "DSKI"
+_SETTLE_SECONDS = 0.5
 
 
 # --------------------------------------------------------------------------- node receiver process
@@ -350,14 +361,33 @@ def throughput_run(
     else:  # "nodeK": listener.receiver_processes K (0: the listener in the node process)
         receivers = [NodeReceiver(root, receivers=int(kind[4:]))]
     try:
+        cpu_before = sum(tree_cpu_seconds(r.proc.pid) for r in receivers)
+        clients_before = _reaped_children_cpu()
         seconds = run_storescu_parallel([r.port for r in receivers], split(files, assocs))
+        clients_cpu = _reaped_children_cpu() - clients_before
+        time.sleep(_SETTLE_SECONDS)  # what the receivers still owe (the journal applier's last batch)
+        receiver_cpu = sum(tree_cpu_seconds(r.proc.pid) for r in receivers) - cpu_before
     finally:
         results = [r.stop() for r in receivers]
     stored = results[0] if not kind.startswith("pg") else {"rows": results[0]["rows"]}  # one shared table
     got = stored.get("rows", stored.get("files"))
     if got != len(files):
         raise RuntimeError(f"{kind}: {got} stored of {len(files)} sent (see {root})")
-    return {"receiver": kind, "associations": assocs, "seconds": seconds, "instances_per_s": len(files) / seconds}
+    return {
+        "receiver": kind,
+        "associations": assocs,
+        "seconds": seconds,
+        "instances_per_s": len(files) / seconds,
+        "receiver_cpu_ms_per_instance": 1000 * receiver_cpu / len(files),
+        "storescu_cpu_ms_per_instance": 1000 * clients_cpu / len(files),
+    }
+
+
+def _reaped_children_cpu() -> float:
+    """CPU seconds of this process's children that have exited and been waited for: the
+    storescu processes of a run (the receivers are still running, so not counted)."""
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
 
 
 def latency_run(
@@ -555,7 +585,9 @@ def main(argv: list[str] | None = None) -> int:
                     result["runs"].append(run)
                     print(
                         f"rep {rep} {assocs} assoc {kind:8s} {run['instances_per_s']:8.1f} inst/s "
-                        f"({run['seconds']:.2f} s, load {run['loadavg_1m']:.2f}, fsync {fsync_ms:.2f} ms)",
+                        f"({run['seconds']:.2f} s, load {run['loadavg_1m']:.2f}, fsync {fsync_ms:.2f} ms; CPU per "
+                        f"instance: receiver {run['receiver_cpu_ms_per_instance']:.2f} ms, "
+                        f"storescu {run['storescu_cpu_ms_per_instance']:.2f} ms)",
                         flush=True,
                     )
         if pg is not None:
@@ -584,6 +616,16 @@ def main(argv: list[str] | None = None) -> int:
                     kind_ratios = [b / s for b, s in zip(other, rates["storescp"], strict=True)]
                     summary[str(assocs)][f"{kind}_ratio_median"] = median(kind_ratios)
                     summary[str(assocs)][f"{kind}_ratios"] = kind_ratios
+        for assocs in assoc_counts if not args.no_throughput else []:
+            summary[str(assocs)]["cpu_ms_per_instance"] = {
+                kind: {
+                    side: median([r[f"{side}_cpu_ms_per_instance"] for r in result["runs"]
+                                  if r["receiver"] == kind and r["associations"] == assocs])
+                    for side in ("receiver", "storescu")
+                }
+                for kind in kinds
+                if any(r["receiver"] == kind and r["associations"] == assocs for r in result["runs"])
+            }
         result["summary"] = summary
         if not args.no_latency:
             lat_files = files[: args.latency_count]
@@ -639,6 +681,10 @@ def main(argv: list[str] | None = None) -> int:
         if "reference_median_per_s" in s:
             print(f"{assocs:>6} reference node ({args.reference_repo}): {s['reference_median_per_s']:.1f} inst/s, "
                   f"ratio to storescp {s['reference_ratio_median']:.2f}")
+    for assocs, s in result["summary"].items():
+        cpu = s["cpu_ms_per_instance"]
+        print(f"{assocs:>6} CPU ms per instance, median (receiver + its storescu): "
+              + ", ".join(f"{kind} {c['receiver']:.2f} + {c['storescu']:.2f}" for kind, c in cpu.items()))
     for lat in result.get("latency", []):
         label = "idle" if not lat["scorer_threads"] else f"{lat['scorer_threads']} scorer threads"
         if "scorer" in lat:
