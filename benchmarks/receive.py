@@ -45,7 +45,8 @@ from the first storescu's start to half a second after the last one's exit (the 
 applier's last batch), and that of the storescu processes, each divided by the instance
 count. With eight associations on two cores, receiver plus storescu CPU is what bounds
 the rate. Kernel work done on a process's behalf in other threads (the file system's
-journal thread flushing what an fsync asked for) is not counted.
+journal thread flushing what an fsync asked for) is not counted, nor is the PostgreSQL
+server's CPU in the ``--postgres`` runs.
 
 Latency: a pynetdicom SCU in this process sends ``--latency-count`` instances one at a
 time over one association and times each C-STORE request until its response (so the
