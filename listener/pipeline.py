@@ -32,12 +32,18 @@ import time
 from collections.abc import Sequence
 from typing import Any, Protocol
 
-from pydicom import dcmread
+from pydicom import Dataset, dcmread
+from pydicom.filereader import read_dataset
 from pydicom.uid import DeflatedExplicitVRLittleEndian
 
 from listener.config import NodeConfig
-from storage.errors import DatabaseUnavailableError, InvalidTransitionError, NotFoundError, SpoolError
-from storage.repository import InstanceRecord, VerdictInput
+from storage.errors import (
+    DatabaseUnavailableError,
+    InvalidTransitionError,
+    NotFoundError,
+    SpoolError,
+)
+from storage.repository import InstanceRecord, ScoredInstance, VerdictInput
 
 logger = logging.getLogger(__name__)
 
@@ -64,13 +70,26 @@ def _prepare_with_header(detector: DetectorLike, path: str, record: InstanceReco
 
     with open(path, "rb") as fh:
         raw = fh.read()
-    ds = dcmread(io.BytesIO(raw))
-    header: bytes | None = None
-    if ds.file_meta.get("TransferSyntaxUID") != DeflatedExplicitVRLittleEndian:
-        stream = io.BytesIO(raw)
-        dcmread(stream, stop_before_pixels=True)
-        header = raw[: stream.tell()]
+    ds, header = read_with_header(raw)
     return prepare_dataset(ds, detector.preprocess_config, f"SOP {record.sop_instance_uid}"), header
+
+
+def read_with_header(raw: bytes) -> tuple[Dataset, bytes | None]:
+    """The whole data set of a DICOM file, and its bytes up to the Pixel Data (None for a
+    deflated file, whose stream positions are not the file's), from one parse.
+
+    The header is read first, up to the Pixel Data; the rest of the file is then read from
+    there in the same encoding and added: the data set ``dcmread`` gives for the whole
+    file, without a second parse of the header (which cost as much as the forward pass).
+    """
+    stream = io.BytesIO(raw)
+    ds = dcmread(stream, stop_before_pixels=True)
+    if ds.file_meta.get("TransferSyntaxUID") == DeflatedExplicitVRLittleEndian:
+        return dcmread(io.BytesIO(raw)), None
+    header_end = stream.tell()
+    is_implicit_vr, is_little_endian = ds.original_encoding
+    ds.update(read_dataset(stream, is_implicit_vr, is_little_endian))
+    return ds, raw[:header_end]
 
 
 class Pipeline:
@@ -167,14 +186,18 @@ class Pipeline:
             for record, _ in prepared:
                 self._finish_failed(record, f"detector error: {type(exc).__name__}: {exc}")
             return len(records)
-        for (record, _), verdict in zip(prepared, verdicts, strict=True):
-            try:
-                self._repo.record_verdict(
-                    record.id, VerdictInput.from_verdict(verdict), worker=worker, source_header=headers.get(record.id)
-                )
-            except (InvalidTransitionError, NotFoundError) as exc:
+        # one transaction for the batch: a commit per instance cost more than the model
+        errors = self._repo.record_verdicts(
+            [
+                ScoredInstance(record.id, VerdictInput.from_verdict(verdict), headers.get(record.id))
+                for (record, _), verdict in zip(prepared, verdicts, strict=True)
+            ],
+            worker=worker,
+        )
+        for (record, _), verdict, error in zip(prepared, verdicts, errors, strict=True):
+            if error is not None:
                 # requeued as stuck and taken by another worker meanwhile: its verdict wins
-                logger.warning("verdict not recorded", extra={"instance_id": record.id, "reason": str(exc)})
+                logger.warning("verdict not recorded", extra={"instance_id": record.id, "reason": str(error)})
                 continue
             logger.info(
                 "instance analysed",

@@ -64,6 +64,7 @@ __all__ = [
     "ReportGroup",
     "ReportRecord",
     "Repository",
+    "ScoredInstance",
     "StatusSummary",
     "VerdictInput",
     "VerdictRecord",
@@ -143,6 +144,16 @@ class VerdictRecord(VerdictInput):
     id: int = 0
     instance_id: int = 0
     created_at: datetime | None = None
+
+
+@dataclass(frozen=True)
+class ScoredInstance:
+    """One instance's verdict, for ``Repository.record_verdicts``; ``source_header``: the
+    object up to its Pixel Data, kept for the SR builder."""
+
+    instance_id: int
+    verdict: VerdictInput
+    source_header: bytes | None = None
 
 
 @dataclass(frozen=True)
@@ -734,27 +745,67 @@ class Repository:
         ``source_header``: the object up to its Pixel Data, kept for the SR builder.
         """
         data = v if isinstance(v, VerdictInput) else VerdictInput.from_verdict(v)
+        error = self.record_verdicts([ScoredInstance(instance_id, data, source_header)], worker=worker)[0]
+        if error is not None:
+            raise error
+
+    def record_verdicts(
+        self, items: Sequence[ScoredInstance], *, worker: str | None = None
+    ) -> list[NotFoundError | InvalidTransitionError | None]:
+        """``record_verdict`` for a batch in one transaction: one commit (one flush of the
+        database) for a worker's whole batch instead of one per instance.
+
+        An instance that cannot take its verdict (gone, no longer analysing, claimed by
+        another worker, already judged) does not hold up the others: its error is returned
+        in its place, None where the verdict was recorded.
+        """
+        if not items:
+            return []
         now = self._now()
+        outcomes: list[NotFoundError | InvalidTransitionError | None] = []
+        ids = sorted({item.instance_id for item in items})
         with self.db.session() as s:
-            row = self._transition(s, instance_id, ("analysing",), "analysed")
-            if worker is not None and row.claimed_by != worker:
-                raise InvalidTransitionError("instance", instance_id, f"analysing by {row.claimed_by}", "analysed")
-            if s.scalar(select(Verdict.id).where(Verdict.instance_id == instance_id)) is not None:
-                raise InvalidTransitionError("instance", instance_id, "analysing (verdict exists)", "analysed")
-            s.add(
-                Verdict(
-                    instance_id=instance_id,
-                    created_at=now,
-                    source_header=source_header,
-                    **{f.name: getattr(data, f.name) for f in fields(VerdictInput)},
+            rows: dict[int, Instance] = {}
+            judged: set[int] = set()
+            for chunk in _chunks(ids):
+                # locked in id order on PostgreSQL, so that two workers never wait on each other in a cycle
+                query = select(Instance).where(Instance.id.in_(chunk)).order_by(Instance.id)
+                if self.db.is_postgresql:
+                    query = query.with_for_update()
+                rows.update((row.id, row) for row in s.scalars(query))
+                judged.update(s.scalars(select(Verdict.instance_id).where(Verdict.instance_id.in_(chunk))))
+            for item in items:
+                instance_id, data = item.instance_id, item.verdict
+                row = rows.get(instance_id)
+                error: NotFoundError | InvalidTransitionError | None = None
+                if row is None:
+                    error = NotFoundError("instance", instance_id)
+                elif row.status != "analysing":
+                    error = InvalidTransitionError("instance", instance_id, row.status, "analysed")
+                elif worker is not None and row.claimed_by != worker:
+                    error = InvalidTransitionError("instance", instance_id, f"analysing by {row.claimed_by}", "analysed")
+                elif instance_id in judged:
+                    error = InvalidTransitionError("instance", instance_id, "analysing (verdict exists)", "analysed")
+                outcomes.append(error)
+                if error is not None:
+                    continue
+                assert row is not None
+                s.add(
+                    Verdict(
+                        instance_id=instance_id,
+                        created_at=now,
+                        source_header=item.source_header,
+                        **{f.name: getattr(data, f.name) for f in fields(VerdictInput)},
+                    )
                 )
-            )
-            row.status = "analysed"
-            row.status_reason = None
-            self._event(
-                s, "instance", instance_id, "analysing", "analysed", now,
-                score=data.score, label=data.label, model_version=data.model_version, worker=row.claimed_by,
-            )
+                judged.add(instance_id)
+                row.status = "analysed"
+                row.status_reason = None
+                self._event(
+                    s, "instance", instance_id, "analysing", "analysed", now,
+                    score=data.score, label=data.label, model_version=data.model_version, worker=row.claimed_by,
+                )
+        return outcomes
 
     def mark_failed(self, instance_id: int, reason: str) -> None:
         self._finish(instance_id, "failed", reason)

@@ -47,8 +47,10 @@ class FakeRepo:
             self.claims.append((limit, len(taken)))
             return taken
 
-    def record_verdict(self, instance_id: int, verdict: Any, *, worker: str, source_header: bytes | None) -> None:
-        self.verdicts[instance_id] = time.monotonic()
+    def record_verdicts(self, items: Sequence[Any], *, worker: str) -> list[None]:
+        for item in items:
+            self.verdicts[item.instance_id] = time.monotonic()
+        return [None] * len(items)
 
     def mark_failed(self, instance_id: int, reason: str) -> None:  # pragma: no cover - not expected here
         raise AssertionError(f"instance {instance_id} failed: {reason}")

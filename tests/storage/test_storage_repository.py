@@ -10,7 +10,7 @@ from sqlalchemy import select, text
 from storage.database import Database
 from storage.errors import DatabaseUnavailableError, InvalidTransitionError, NotFoundError
 from storage.models import Event, Instance
-from storage.repository import ReportGroup, Repository
+from storage.repository import ReportGroup, Repository, ScoredInstance, VerdictInput
 
 from .conftest import Receive, make_verdict
 
@@ -126,6 +126,42 @@ def test_claim_verdict_and_failures(repo: Repository, receive: Receive, db: Data
     assert [e[:2] for e in events(db, "instance", ids[1])] == [
         (None, "received"), ("received", "analysing"), ("analysing", "failed")]
     assert [e[:2] for e in events(db, "instance", ids[2])] == [(None, "received"), ("received", "skipped")]
+
+
+def test_verdicts_of_a_batch_in_one_call(repo: Repository, receive: Receive, db: Database) -> None:
+    ids = [receive().instance_id for _ in range(5)]
+    repo.claim_received("worker-1", 3)  # ids[0..2] analysing by worker-1; ids[3], ids[4] received
+    repo.record_verdict(ids[2], make_verdict(0.4), worker="worker-1")  # judged before the batch
+    items = [
+        ScoredInstance(ids[0], VerdictInput.from_verdict(make_verdict(0.9)), b"header-0"),
+        ScoredInstance(ids[3], VerdictInput.from_verdict(make_verdict(0.9))),  # never claimed
+        ScoredInstance(ids[1], VerdictInput.from_verdict(make_verdict(0.1)), b"header-1"),
+        ScoredInstance(ids[2], VerdictInput.from_verdict(make_verdict(0.9))),  # already analysed
+        ScoredInstance(ids[0], VerdictInput.from_verdict(make_verdict(0.5))),  # twice in the batch
+        ScoredInstance(12345, VerdictInput.from_verdict(make_verdict(0.9))),  # no such instance
+    ]
+    errors = repo.record_verdicts(items, worker="worker-1")
+
+    assert [type(e).__name__ if e else None for e in errors] == [
+        None, "InvalidTransitionError", None, "InvalidTransitionError", "InvalidTransitionError", "NotFoundError"]
+    # as if recorded one after the other: the second verdict of ids[0] finds it analysed
+    assert "'received' to 'analysed'" in str(errors[1])
+    assert "'analysed' to 'analysed'" in str(errors[3]) and "'analysed' to 'analysed'" in str(errors[4])
+    verdicts = repo.verdicts_for(ids)
+    assert sorted(verdicts) == [ids[0], ids[1], ids[2]]
+    assert verdicts[ids[0]].score == 0.9 and verdicts[ids[1]].score == 0.1 and verdicts[ids[2]].score == 0.4
+    assert repo.source_headers([ids[0], ids[1]]) == {ids[0]: b"header-0", ids[1]: b"header-1"}
+    assert [repo.get_instance(i).status for i in ids] == ["analysed", "analysed", "analysed", "received", "received"]
+    for i in (ids[0], ids[1]):  # one event each, naming the worker
+        assert [e[:2] for e in events(db, "instance", i)][-1] == ("analysing", "analysed")
+        assert sum(e[1] == "analysed" for e in events(db, "instance", i)) == 1
+        assert events(db, "instance", i)[-1][2]["worker"] == "worker-1"
+
+    # another worker's batch records nothing of worker-1's claims
+    repo.claim_received("worker-1", 1)  # ids[3]
+    [error] = repo.record_verdicts([ScoredInstance(ids[3], VerdictInput.from_verdict(make_verdict()))], worker="worker-2")
+    assert isinstance(error, InvalidTransitionError) and "worker-1" in str(error)
+    assert repo.record_verdicts([], worker="worker-1") == []
 
 
 def test_verdict_from_duck_typed_object(repo: Repository, receive: Receive) -> None:
