@@ -694,26 +694,29 @@ class Repository:
             )
             if self.db.is_postgresql:
                 query = query.with_for_update(skip_locked=True)
-            claimed: list[int] = []
-            for instance_id in s.scalars(query).all():
-                result = s.execute(
-                    update(Instance)
-                    .where(Instance.id == instance_id, Instance.status == "received")
-                    .values(
-                        status="analysing",
-                        claimed_by=worker,
-                        claimed_at=now,
-                        attempts=Instance.attempts + 1,
-                        status_reason=None,
-                        # a row from before scale-out (no node id) becomes this node's when claimed,
-                        # so that no other node's start-up requeues it while it is being scored
-                        node_id=func.coalesce(Instance.node_id, self.node_id),
-                    )
-                    .execution_options(synchronize_session=False)
+            candidates = s.scalars(query).all()
+            # one statement for the batch (a statement per row flushed the previous row's
+            # event each time); RETURNING names the rows it moved: the status test skips a row
+            # another worker took between the select and this update
+            moved = set(s.scalars(
+                update(Instance)
+                .where(Instance.id.in_(candidates), Instance.status == "received")
+                .values(
+                    status="analysing",
+                    claimed_by=worker,
+                    claimed_at=now,
+                    attempts=Instance.attempts + 1,
+                    status_reason=None,
+                    # a row from before scale-out (no node id) becomes this node's when claimed,
+                    # so that no other node's start-up requeues it while it is being scored
+                    node_id=func.coalesce(Instance.node_id, self.node_id),
                 )
-                if result.rowcount == 1:
-                    claimed.append(instance_id)
-                    self._event(s, "instance", instance_id, "received", "analysing", now, worker=worker)
+                .returning(Instance.id)
+                .execution_options(synchronize_session=False)
+            )) if candidates else set()
+            claimed = [i for i in candidates if i in moved]  # oldest first, as selected
+            for instance_id in claimed:
+                self._event(s, "instance", instance_id, "received", "analysing", now, worker=worker)
             rows = s.scalars(select(Instance).where(Instance.id.in_(claimed)).order_by(Instance.received_at, Instance.id)).all() if claimed else []
             return [instance_record(r) for r in rows]
 
