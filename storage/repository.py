@@ -790,9 +790,8 @@ class Repository:
                 elif instance_id in judged:
                     error = InvalidTransitionError("instance", instance_id, "analysing (verdict exists)", "analysed")
                 outcomes.append(error)
-                if error is not None:
+                if error is not None or row is None:
                     continue
-                assert row is not None
                 s.add(
                     Verdict(
                         instance_id=instance_id,
