@@ -617,7 +617,6 @@ def main(argv: list[str] | None = None) -> int:
                     kind_ratios = [b / s for b, s in zip(other, rates["storescp"], strict=True)]
                     summary[str(assocs)][f"{kind}_ratio_median"] = median(kind_ratios)
                     summary[str(assocs)][f"{kind}_ratios"] = kind_ratios
-        for assocs in assoc_counts if not args.no_throughput else []:
             summary[str(assocs)]["cpu_ms_per_instance"] = {
                 kind: {
                     side: median([r[f"{side}_cpu_ms_per_instance"] for r in result["runs"]

@@ -90,9 +90,9 @@ def measure_pipeline(files: list[Path], bundle: Path, threads: int, root: Path) 
 
     claim, record, model = [0.0], [0.0], [0.0]
     repo.claim_received = _timed(repo.claim_received, claim)  # type: ignore[method-assign]
-    for name in ("record_verdicts", "record_verdict"):  # whichever the checkout's worker calls
-        if hasattr(repo, name):
-            setattr(repo, name, _timed(getattr(repo, name), record))
+    # the call the checkout's worker makes (record_verdict calls record_verdicts where both exist)
+    name = "record_verdicts" if hasattr(repo, "record_verdicts") else "record_verdict"
+    setattr(repo, name, _timed(getattr(repo, name), record))
     detector.score_prepared = _timed(detector.score_prepared, model)  # type: ignore[method-assign]
     pipeline = Pipeline(repo, detector, spool, cfg)
 
