@@ -58,6 +58,8 @@ logger = logging.getLogger(__name__)
 
 APPLICATION_CONTEXT_NAME = "1.2.840.10008.3.1.1.1"
 _READ_BUFFER = 256 * 1024
+# how long a rejected requestor may take to close the transport before we do
+_ARTIM_AFTER_REJECT_SECONDS = 2.0
 
 
 @dataclass(frozen=True)
@@ -285,6 +287,7 @@ class _Association:
         if reject is not None:
             logger.warning("association rejected", extra={**self._fields(), "reason": why})
             self._send(ul.associate_rj(*reject))
+            self._await_peer_close()
             raise _Aborted
 
         roles = {
@@ -324,6 +327,17 @@ class _Association:
             extra={**self._fields(), "contexts": len(accepted), "rejected_contexts": len(results) - len(accepted)},
         )
         return accepted, peer_max_pdu
+
+    def _await_peer_close(self) -> None:
+        """After an A-ASSOCIATE-RJ the requestor closes the transport (PS3.8 9.2: Sta13, under
+        the ARTIM timer). Closing it first races the requestor's reading of the RJ: pynetdicom
+        then at times reports an abort instead of the rejection (seen in tests under load)."""
+        try:
+            self._conn.settimeout(min(self._settings.acse_timeout, _ARTIM_AFTER_REJECT_SECONDS))
+            while self._conn.recv(4096):
+                pass  # nothing after a rejection means anything
+        except (OSError, ssl.SSLError):  # the timer ran out (TimeoutError), or the peer reset
+            pass
 
     def _permitted(self, calling: str) -> bool:
         try:
