@@ -32,7 +32,7 @@ from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any, Literal, NoReturn, Protocol
 
-from sqlalchemy import and_, bindparam, exists, func, insert, or_, select, true, update
+from sqlalchemy import Integer, and_, bindparam, exists, func, insert, or_, select, true, update
 from sqlalchemy.dialects.postgresql import insert as postgresql_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.engine import Connection
@@ -274,6 +274,10 @@ def instance_record(row: Instance) -> InstanceRecord:
     return InstanceRecord(**{f.name: getattr(row, f.name) for f in fields(InstanceRecord)})
 
 
+_INSTANCE_RECORD_COLUMNS = tuple(getattr(Instance, f.name) for f in fields(InstanceRecord))
+"""``Instance``'s columns in ``InstanceRecord``'s field order: a Core row of them is the record's arguments."""
+
+
 def verdict_record(row: Verdict) -> VerdictRecord:
     return VerdictRecord(**{f.name: getattr(row, f.name) for f in fields(VerdictRecord)})
 
@@ -379,6 +383,44 @@ class _DriverReceiveStatements:
         )
 
 
+@dataclass(frozen=True)
+class _ClaimStatements:
+    """The statements of ``claim_received``, built once per repository: building them on
+    every claim cost more than the database's work for a batch of 8, as did ORM objects
+    for the rows and their events."""
+
+    candidates: Any  # the oldest received ids of this node, up to :limit (PostgreSQL: SKIP LOCKED)
+    move: Any  # UPDATE ... WHERE id IN :ids AND still received ... RETURNING the record's columns
+    insert_events: Any
+
+    @classmethod
+    def build(cls, postgresql: bool, mine: Any, node_id: str | None) -> _ClaimStatements:
+        candidates = (
+            select(Instance.id)
+            .where(Instance.status == "received", mine)
+            .order_by(Instance.received_at, Instance.id)
+            .limit(bindparam("limit", type_=Integer))
+        )
+        if postgresql:
+            candidates = candidates.with_for_update(skip_locked=True)
+        move = (
+            update(Instance)
+            .where(Instance.id.in_(bindparam("ids", expanding=True)), Instance.status == "received")
+            .values(
+                status="analysing",
+                claimed_by=bindparam("worker", type_=Instance.claimed_by.type),
+                claimed_at=bindparam("now", type_=Instance.claimed_at.type),
+                attempts=Instance.attempts + 1,
+                status_reason=None,
+                # a row from before scale-out (no node id) becomes this node's when claimed,
+                # so that no other node's start-up requeues it while it is being scored
+                node_id=func.coalesce(Instance.node_id, node_id),
+            )
+            .returning(*_INSTANCE_RECORD_COLUMNS)
+        )
+        return cls(candidates, move, insert(Event))
+
+
 def _event_row(
     entity_id: int, from_status: str | None, to_status: str | None, now: datetime, **detail: Any
 ) -> dict[str, Any]:
@@ -404,6 +446,7 @@ class Repository:
         self.node_id = node_id
         self._receive_statements: _ReceiveStatements | None = None  # built on first use
         self._driver_statements: _DriverReceiveStatements | None = None  # built on first use
+        self._claim_statements: _ClaimStatements | None = None  # built on first use
 
     def _mine(self, column: Any) -> Any:
         """Rows this node serves: stamped with its id, or unstamped; every row without a node id."""
@@ -685,40 +728,26 @@ class Repository:
         if limit <= 0:
             return []
         now = self._now()
+        if self._claim_statements is None:
+            self._claim_statements = _ClaimStatements.build(self.db.is_postgresql, self._mine(Instance.node_id),
+                                                            self.node_id)
+        stmts = self._claim_statements
         with self.db.session() as s:
-            query = (
-                select(Instance.id)
-                .where(Instance.status == "received", self._mine(Instance.node_id))
-                .order_by(Instance.received_at, Instance.id)
-                .limit(limit)
-            )
-            if self.db.is_postgresql:
-                query = query.with_for_update(skip_locked=True)
-            candidates = s.scalars(query).all()
-            # one statement for the batch (a statement per row flushed the previous row's
-            # event each time); RETURNING names the rows it moved: the status test skips a row
-            # another worker took between the select and this update
-            moved = set(s.scalars(
-                update(Instance)
-                .where(Instance.id.in_(candidates), Instance.status == "received")
-                .values(
-                    status="analysing",
-                    claimed_by=worker,
-                    claimed_at=now,
-                    attempts=Instance.attempts + 1,
-                    status_reason=None,
-                    # a row from before scale-out (no node id) becomes this node's when claimed,
-                    # so that no other node's start-up requeues it while it is being scored
-                    node_id=func.coalesce(Instance.node_id, self.node_id),
-                )
-                .returning(Instance.id)
-                .execution_options(synchronize_session=False)
-            )) if candidates else set()
-            claimed = [i for i in candidates if i in moved]  # oldest first, as selected
-            for instance_id in claimed:
-                self._event(s, "instance", instance_id, "received", "analysing", now, worker=worker)
-            rows = s.scalars(select(Instance).where(Instance.id.in_(claimed)).order_by(Instance.received_at, Instance.id)).all() if claimed else []
-            return [instance_record(r) for r in rows]
+            conn = s.connection()
+            candidates = conn.execute(stmts.candidates, {"limit": limit}).scalars().all()
+            if not candidates:
+                return []
+            # RETURNING gives the rows as moved; the status test skips a row another worker
+            # took between the select and this update
+            moved = conn.execute(stmts.move, {"ids": candidates, "worker": worker, "now": now}).all()
+            if not moved:
+                return []
+            position = {instance_id: n for n, instance_id in enumerate(candidates)}
+            moved.sort(key=lambda row: position[row.id])  # oldest first, as selected
+            conn.execute(stmts.insert_events, [
+                _event_row(row.id, "received", "analysing", now, worker=worker) for row in moved
+            ])
+            return [InstanceRecord(*row) for row in moved]
 
     def _transition(
         self, s: Session, instance_id: int, allowed: tuple[str, ...], to_status: str

@@ -128,6 +128,25 @@ def test_claim_verdict_and_failures(repo: Repository, receive: Receive, db: Data
     assert [e[:2] for e in events(db, "instance", ids[2])] == [(None, "received"), ("received", "skipped")]
 
 
+def test_claim_returns_the_rows_as_stored_and_their_events_in_order(
+    repo: Repository, receive: Receive, clock: Clock, db: Database
+) -> None:
+    ids = [receive().instance_id for _ in range(4)]
+    clock.advance(5)
+    claimed = repo.claim_received("worker-7", 3)
+    # the records come from the UPDATE's RETURNING: the same values a fresh read gives
+    assert claimed == [repo.get_instance(i) for i in ids[:3]]
+    assert all(r.claimed_at == T0 + timedelta(seconds=5) and r.received_at == T0 for r in claimed)
+    assert all(r.claimed_at.tzinfo is not None and r.received_at.tzinfo is not None for r in claimed)
+    with db.read_session() as s:
+        moves = s.execute(
+            select(Event.entity_id, Event.detail).where(Event.to_status == "analysing").order_by(Event.id)
+        ).all()
+    assert [m.entity_id for m in moves] == ids[:3]  # oldest first, as claimed
+    assert all(json.loads(m.detail) == {"worker": "worker-7"} for m in moves)
+    assert repo.get_instance(ids[3]).status == "received"
+
+
 def test_verdicts_of_a_batch_in_one_call(repo: Repository, receive: Receive, db: Database) -> None:
     ids = [receive().instance_id for _ in range(5)]
     repo.claim_received("worker-1", 3)  # ids[0..2] analysing by worker-1; ids[3], ids[4] received
