@@ -421,6 +421,37 @@ class _ClaimStatements:
         return cls(candidates, move, insert(Event))
 
 
+@dataclass(frozen=True)
+class _VerdictStatements:
+    """The statements of ``record_verdicts``, built once per repository (as ``_ClaimStatements``)."""
+
+    instances: Any  # id, status and claimer of the rows :ids (PostgreSQL: locked, in id order)
+    judged: Any  # which of :ids already have a verdict
+    insert_verdicts: Any
+    finish: Any  # :ids -> analysed
+    insert_events: Any
+
+    @classmethod
+    def build(cls, postgresql: bool) -> _VerdictStatements:
+        ids = bindparam("ids", expanding=True)
+        instances = (
+            select(Instance.id, Instance.status, Instance.claimed_by)
+            .where(Instance.id.in_(ids))
+            .order_by(Instance.id)
+        )
+        if postgresql:
+            instances = instances.with_for_update()
+        return cls(
+            instances=instances,
+            judged=select(Verdict.instance_id).where(Verdict.instance_id.in_(ids)),
+            insert_verdicts=insert(Verdict),
+            finish=update(Instance)
+            .where(Instance.id.in_(ids), Instance.status == "analysing")
+            .values(status="analysed", status_reason=None),
+            insert_events=insert(Event),
+        )
+
+
 def _event_row(
     entity_id: int, from_status: str | None, to_status: str | None, now: datetime, **detail: Any
 ) -> dict[str, Any]:
@@ -447,6 +478,7 @@ class Repository:
         self._receive_statements: _ReceiveStatements | None = None  # built on first use
         self._driver_statements: _DriverReceiveStatements | None = None  # built on first use
         self._claim_statements: _ClaimStatements | None = None  # built on first use
+        self._verdict_statements: _VerdictStatements | None = None  # built on first use
 
     def _mine(self, column: Any) -> Any:
         """Rows this node serves: stamped with its id, or unstamped; every row without a node id."""
@@ -794,48 +826,60 @@ class Repository:
         if not items:
             return []
         now = self._now()
+        if self._verdict_statements is None:
+            self._verdict_statements = _VerdictStatements.build(self.db.is_postgresql)
+        stmts = self._verdict_statements
         outcomes: list[NotFoundError | InvalidTransitionError | None] = []
         ids = sorted({item.instance_id for item in items})
         with self.db.session() as s:
-            rows: dict[int, Instance] = {}
+            conn = s.connection()
+            # the status is updated here as the batch is recorded: as if its verdicts were
+            # recorded one after the other
+            status: dict[int, str] = {}
+            claimer: dict[int, str | None] = {}
             judged: set[int] = set()
             for chunk in _chunks(ids):
                 # locked in id order on PostgreSQL, so that two workers never wait on each other in a cycle
-                query = select(Instance).where(Instance.id.in_(chunk)).order_by(Instance.id)
-                if self.db.is_postgresql:
-                    query = query.with_for_update()
-                rows.update((row.id, row) for row in s.scalars(query))
-                judged.update(s.scalars(select(Verdict.instance_id).where(Verdict.instance_id.in_(chunk))))
+                for row in conn.execute(stmts.instances, {"ids": chunk}):
+                    status[row.id], claimer[row.id] = row.status, row.claimed_by
+                judged.update(conn.execute(stmts.judged, {"ids": chunk}).scalars())
+            verdicts: list[dict[str, Any]] = []
+            events: list[dict[str, Any]] = []
             for item in items:
                 instance_id, data = item.instance_id, item.verdict
-                row = rows.get(instance_id)
+                current = status.get(instance_id)
                 error: NotFoundError | InvalidTransitionError | None = None
-                if row is None:
+                if current is None:
                     error = NotFoundError("instance", instance_id)
-                elif row.status != "analysing":
-                    error = InvalidTransitionError("instance", instance_id, row.status, "analysed")
-                elif worker is not None and row.claimed_by != worker:
-                    error = InvalidTransitionError("instance", instance_id, f"analysing by {row.claimed_by}", "analysed")
+                elif current != "analysing":
+                    error = InvalidTransitionError("instance", instance_id, current, "analysed")
+                elif worker is not None and claimer[instance_id] != worker:
+                    error = InvalidTransitionError(
+                        "instance", instance_id, f"analysing by {claimer[instance_id]}", "analysed")
                 elif instance_id in judged:
                     error = InvalidTransitionError("instance", instance_id, "analysing (verdict exists)", "analysed")
                 outcomes.append(error)
-                if error is not None or row is None:
+                if error is not None:
                     continue
-                s.add(
-                    Verdict(
-                        instance_id=instance_id,
-                        created_at=now,
-                        source_header=item.source_header,
-                        **{f.name: getattr(data, f.name) for f in fields(VerdictInput)},
-                    )
-                )
                 judged.add(instance_id)
-                row.status = "analysed"
-                row.status_reason = None
-                self._event(
-                    s, "instance", instance_id, "analysing", "analysed", now,
-                    score=data.score, label=data.label, model_version=data.model_version, worker=row.claimed_by,
-                )
+                status[instance_id] = "analysed"
+                verdicts.append({
+                    "instance_id": instance_id,
+                    "created_at": now,
+                    "source_header": item.source_header,
+                    **{f.name: getattr(data, f.name) for f in fields(VerdictInput)},
+                })
+                events.append(_event_row(
+                    instance_id, "analysing", "analysed", now,
+                    score=data.score, label=data.label, model_version=data.model_version, worker=claimer[instance_id],
+                ))
+            if verdicts:
+                # Core statements, not ORM objects: a flush of a Verdict, an Instance update and
+                # an Event per row cost several times the database's own work
+                conn.execute(stmts.insert_verdicts, verdicts)
+                for chunk in _chunks([v["instance_id"] for v in verdicts]):
+                    conn.execute(stmts.finish, {"ids": chunk})
+                conn.execute(stmts.insert_events, events)
         return outcomes
 
     def mark_failed(self, instance_id: int, reason: str) -> None:
