@@ -23,7 +23,7 @@ from sqlalchemy import create_engine, text  # noqa: E402
 
 from storage.database import Database  # noqa: E402
 from storage.models import Base  # noqa: E402
-from storage.repository import Repository  # noqa: E402
+from storage.repository import Repository, ScoredInstance, VerdictInput  # noqa: E402
 from tests.pgserver import postgres_or_skip  # noqa: E402
 
 from .conftest import make_verdict  # noqa: E402
@@ -163,3 +163,26 @@ def test_pg_node_scoped_claims(pg_db: Database) -> None:
     assert b.create_report(**kwargs) is None  # the same SR built by B too: one outbox row
     assert b.claim_due_reports() == []  # A built it, A's reports_dir has the file: A sends it
     assert [r.id for r in a.claim_due_reports()] == [rid]
+
+
+def test_pg_claim_records_and_verdict_batch(pg_db: Database) -> None:
+    """The claim's RETURNING rows and a batch of verdicts on PostgreSQL: the records equal a
+    fresh read (timestamptz back as UTC), a second verdict for one instance in a batch is refused."""
+    repo = Repository(pg_db, node_id="node-a")
+    ids = [_receive(repo, n) for n in range(930, 934)]
+    claimed = repo.claim_received("wa", 3)
+    assert [r.id for r in claimed] == ids[:3]
+    assert claimed == [repo.get_instance(i) for i in ids[:3]]
+    assert all(r.claimed_at is not None and r.claimed_at.utcoffset() == timedelta(0) for r in claimed)
+    items = [
+        ScoredInstance(ids[0], VerdictInput.from_verdict(make_verdict(0.9)), b"h0"),
+        ScoredInstance(ids[1], VerdictInput.from_verdict(make_verdict(0.1))),
+        ScoredInstance(ids[0], VerdictInput.from_verdict(make_verdict(0.5))),  # twice in the batch
+        ScoredInstance(ids[3], VerdictInput.from_verdict(make_verdict(0.5))),  # never claimed
+    ]
+    errors = repo.record_verdicts(items, worker="wa")
+    assert [type(e).__name__ if e else None for e in errors] == [
+        None, None, "InvalidTransitionError", "InvalidTransitionError"]
+    assert [repo.get_instance(i).status for i in ids] == ["analysed", "analysed", "analysing", "received"]
+    assert repo.verdicts_for(ids)[ids[0]].score == 0.9
+    assert repo.source_headers([ids[0]]) == {ids[0]: b"h0"}
