@@ -167,9 +167,44 @@ def is_own_report(ds: Dataset, cfg: ReportConfig) -> bool:
     return _is_own_report_by_report_module(ds, cfg)
 
 
+_OWN_REPORT = Classification("own-report", OWN_REPORT_REASON)
+
+
+def _sop_class_key(ds: Dataset) -> tuple[str, bool]:
+    """What ``classify_sop_class`` decides from: the SOP Class UID, and whether Rows and Columns are present."""
+    return str(ds.get("SOPClassUID", "") or ""), "Rows" in ds and "Columns" in ds
+
+
 def classify(ds: Dataset, cfg: ReportConfig) -> Classification:
     """Classify a (header-only) dataset: own report, non-image or image."""
     if is_own_report(ds, cfg):
-        return Classification("own-report", OWN_REPORT_REASON)
-    has_image = "Rows" in ds and "Columns" in ds
-    return classify_sop_class(str(ds.get("SOPClassUID", "") or ""), has_image_attributes=has_image)
+        return _OWN_REPORT
+    uid, has_image = _sop_class_key(ds)
+    return classify_sop_class(uid, has_image_attributes=has_image)
+
+
+class Classifier:
+    """``classify`` for one configuration, remembering the decision per SOP class.
+
+    The C-STORE handler classifies every object, and the same few classes arrive over and
+    over; deciding one (the family table, pydicom's UID name) cost about 50 µs of the
+    association's thread. The own-report test, which reads more than the SOP class, runs
+    every time. At most ``max_classes`` decisions are kept (a peer sending made-up classes
+    cannot grow it); the rest are decided each time. Safe to call from several threads.
+    """
+
+    def __init__(self, cfg: ReportConfig, max_classes: int = 256) -> None:
+        self.cfg = cfg
+        self.max_classes = max_classes
+        self._decided: dict[tuple[str, bool], Classification] = {}
+
+    def __call__(self, ds: Dataset) -> Classification:
+        if is_own_report(ds, self.cfg):
+            return _OWN_REPORT
+        key = _sop_class_key(ds)
+        decided = self._decided.get(key)
+        if decided is None:
+            decided = classify_sop_class(key[0], has_image_attributes=key[1])
+            if len(self._decided) < self.max_classes:
+                self._decided[key] = decided
+        return decided

@@ -72,7 +72,7 @@ from listener.acceptor import (
     listening_socket,
 )
 from listener.association_count import SharedAssociationCount
-from listener.classify import Classification, classify
+from listener.classify import Classification, Classifier
 from listener.config import ListenerConfig, NodeConfig, ReportConfig
 from listener.dimse import (
     STATUS_OUT_OF_RESOURCES,
@@ -196,7 +196,7 @@ class StoreHandler:
     ) -> None:
         self._spool = spool
         self._max_pixels = max_pixels
-        self._report_cfg = report_cfg
+        self._classify = Classifier(report_cfg)
         self._on_stored = on_stored  # e.g. wake the workers; called after the commit
         # objects that fit go through the write-ahead journal (storage.journal_apply)
         self.journal = journal
@@ -242,7 +242,7 @@ class StoreHandler:
             )
             return _status(exc.status, exc.reason)
 
-        classification: Classification = classify(header.dataset, self._report_cfg)
+        classification: Classification = self._classify(header.dataset)
         journal = self.journal
         if journal is not None and journal.fits(len(data)):
             return self._store_journaled(journal, header, classification, data, calling_ae, peer)

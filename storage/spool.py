@@ -257,7 +257,8 @@ class Spool:
         that applying the record again after a crash writes the same file."""
         self.check_free_space(size)
         now = datetime.now(timezone.utc)
-        return Path(f"{now:%Y}", f"{now:%m}", f"{now:%d}", f"{uuid.uuid4().hex}{SUFFIX}")
+        # one string, parsed once: four parts joined cost more than the rest of the plan
+        return Path(f"{now:%Y/%m/%d}/{uuid.uuid4().hex}{SUFFIX}")
 
     def write_planned(self, path: Path | str, data: bytes) -> SpoolEntry:
         """Write a journaled object under its planned path, NOT synced: ``sync_filesystem``

@@ -8,7 +8,7 @@ from pydicom.data import get_testdata_file
 from pydicom.dataset import Dataset
 from pynetdicom.presentation import AllStoragePresentationContexts
 
-from listener.classify import OWN_REPORT_REASON, classify, classify_sop_class
+from listener.classify import OWN_REPORT_REASON, Classifier, classify, classify_sop_class
 from listener.config import ReportConfig
 
 CFG = ReportConfig()
@@ -144,3 +144,33 @@ def test_a_real_report_is_recognised(tmp_path) -> None:
     # also when the PACS rewrote the Manufacturer: the private coding scheme still marks it
     header.Manufacturer = "SOMEONE"
     assert classify(header, ReportConfig(manufacturer="Another Node")).kind == "own-report"
+
+
+def _header(sop_class: str, *, image: bool, **attrs: object) -> Dataset:
+    ds = Dataset()
+    ds.SOPClassUID = sop_class
+    if image:
+        ds.Rows, ds.Columns = 8, 8
+    for key, value in attrs.items():
+        setattr(ds, key, value)
+    return ds
+
+
+def test_classifier_decides_as_classify_and_remembers_a_bounded_number_of_classes() -> None:
+    classifier = Classifier(CFG, max_classes=4)
+    headers = [_header(cx.abstract_syntax, image=image)
+               for cx in AllStoragePresentationContexts for image in (False, True)]
+    headers += [_header("1.2.3.4.5.6.7", image=True), _header("1.2.3.4.5.6.7", image=False)]  # private class
+    for _ in range(2):  # the second pass answers from what the first remembered
+        for ds in headers:
+            assert classifier(ds) == classify(ds, CFG)
+    assert len(classifier._decided) == 4  # noqa: SLF001 - the bound itself is the point
+
+
+def test_classifier_checks_for_its_own_report_every_time() -> None:
+    classifier = Classifier(CFG)
+    foreign = _header("1.2.840.10008.5.1.4.1.1.88.34", image=False, Modality="SR", Manufacturer="Other")
+    own = _header("1.2.840.10008.5.1.4.1.1.88.34", image=False, Modality="SR", Manufacturer=CFG.manufacturer)
+    assert classifier(foreign).kind == "non-image"
+    assert classifier(own).kind == "own-report"  # same SOP class, decided from the header again
+    assert classifier(foreign).kind == "non-image"
