@@ -8,7 +8,12 @@ from pydicom.data import get_testdata_file
 from pydicom.dataset import Dataset
 from pynetdicom.presentation import AllStoragePresentationContexts
 
-from listener.classify import OWN_REPORT_REASON, Classifier, classify, classify_sop_class
+from listener.classify import (
+    OWN_REPORT_REASON,
+    Classifier,
+    classify,
+    classify_sop_class,
+)
 from listener.config import ReportConfig
 
 CFG = ReportConfig()
