@@ -50,8 +50,11 @@ def _timed(fn: Callable[..., Any], spent: list[float]) -> Callable[..., Any]:
     return call
 
 
-def measure_pipeline(files: list[Path], bundle: Path, threads: int, root: Path) -> dict[str, Any]:
-    """Score ``files`` through the worker of the checkout first on ``sys.path``; seconds per step."""
+def measure_pipeline(
+    files: list[Path], bundle: Path, threads: int, root: Path, workers: int = 1, decode_processes: int = 0
+) -> dict[str, Any]:
+    """Score ``files`` through the worker of the checkout first on ``sys.path``; seconds per step
+    (summed over the worker threads when there are several)."""
     import pydicom
     import torch
     from sqlalchemy import text
@@ -68,7 +71,9 @@ def measure_pipeline(files: list[Path], bundle: Path, threads: int, root: Path) 
         "storage": {"database_url": f"sqlite:///{root / 'dski.sqlite3'}", "spool_dir": str(root / "spool"),
                     "reports_dir": str(root / "reports"), "quarantine_dir": str(root / "quarantine"),
                     "min_free_bytes": 0},
-        "detector": {"bundle": str(bundle), "batch_wait_ms": 0, "workers": 1, "torch_threads": threads},
+        "detector": {"bundle": str(bundle), "batch_wait_ms": 0, "workers": workers, "torch_threads": threads,
+                     # only when asked for: a reference checkout may not know the setting
+                     **({"decode_processes": decode_processes} if decode_processes else {})},
     })
     db = Database(cfg.storage.database_url)
     db.migrate()
@@ -96,17 +101,34 @@ def measure_pipeline(files: list[Path], bundle: Path, threads: int, root: Path) 
     detector.score_prepared = _timed(detector.score_prepared, model)  # type: ignore[method-assign]
     pipeline = Pipeline(repo, detector, spool, cfg)
 
-    pipeline.run_once("bench")  # the first batch loads kernels: not timed
-    claim[0] = record[0] = model[0] = 0.0
-    done, started = 0, time.perf_counter()
-    while n := pipeline.run_once("bench"):
-        done += n
-    seconds = time.perf_counter() - started
-    with db.engine.connect() as conn:
-        analysed = conn.execute(text("SELECT count(*) FROM instances WHERE status = 'analysed'")).scalar()
+    def analysed() -> int:
+        with db.engine.connect() as conn:
+            return int(conn.execute(text("SELECT count(*) FROM instances WHERE status = 'analysed'")).scalar() or 0)
+
+    if workers == 1 and not decode_processes:
+        pipeline.run_once("bench")  # the first batch loads kernels: not timed
+        claim[0] = record[0] = model[0] = 0.0
+        done, started = 0, time.perf_counter()
+        while n := pipeline.run_once("bench"):
+            done += n
+        seconds = time.perf_counter() - started
+    else:
+        # the node's own threads (and decoding processes, started before this returns); the
+        # clock starts after the first verdict, as the first batch loads kernels
+        pipeline.start()
+        while analysed() < 1:
+            time.sleep(0.001)
+        claim[0] = record[0] = model[0] = 0.0
+        first, started = analysed(), time.perf_counter()
+        while analysed() < len(files):
+            time.sleep(0.01)
+        seconds = time.perf_counter() - started
+        pipeline.stop()
+        done = len(files) - first
+    count = analysed()
     db.dispose()
-    if analysed != len(files):  # a failed image would make the rate meaningless
-        raise RuntimeError(f"{analysed} of {len(files)} instances analysed (see {root})")
+    if count != len(files):  # a failed image would make the rate meaningless
+        raise RuntimeError(f"{count} of {len(files)} instances analysed (see {root})")
     return {"images": done, "seconds": seconds, "claim_s": claim[0], "record_s": record[0], "model_s": model[0]}
 
 
@@ -132,7 +154,7 @@ def _reference_pipeline(repo: Path, files_dir: Path, args: argparse.Namespace, r
     """``measure_pipeline`` with the product code of another checkout, in a subprocess."""
     out = subprocess.run(
         [sys.executable, str(Path(__file__).resolve()), "--measure-in", str(repo), str(files_dir), str(root),
-         "--bundle", str(args.bundle.resolve()), "--threads", str(args.threads)],
+         "--bundle", str(args.bundle.resolve()), "--threads", str(args.threads), "--workers", str(args.reference_workers)],
         capture_output=True, text=True, check=True, cwd=repo,
     )
     return json.loads(out.stdout.strip().splitlines()[-1])
@@ -148,7 +170,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--bundle", type=Path, default=REPO / "bundles" / "default")
     parser.add_argument("--threads", type=int, default=1, help="torch.set_num_threads")
+    parser.add_argument("--workers", type=int, default=1, help="detector.workers (threads)")
+    parser.add_argument("--decode-processes", type=int, default=0,
+                        help="detector.decode_processes of the pipeline (not of the reference)")
     parser.add_argument("--reference-repo", type=Path, help="also run the worker of this checkout")
+    parser.add_argument("--reference-workers", type=int, default=1, help="detector.workers of the reference")
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "out" / "score-pipeline.json")
     parser.add_argument("--measure-in", nargs=3, metavar=("REPO", "FILES", "ROOT"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -157,7 +183,7 @@ def main(argv: list[str] | None = None) -> int:
         repo, files_dir, root = (Path(p) for p in args.measure_in)
         sys.path.insert(0, str(repo))
         files = sorted(files_dir.rglob("*.dcm"))
-        print(json.dumps(measure_pipeline(files, args.bundle, args.threads, root)), flush=True)
+        print(json.dumps(measure_pipeline(files, args.bundle, args.threads, root, args.workers)), flush=True)
         return 0
 
     sys.path.insert(0, str(REPO))
@@ -168,6 +194,7 @@ def main(argv: list[str] | None = None) -> int:
     result: dict[str, Any] = {
         "command": " ".join([Path(sys.executable).name, "-m", "benchmarks.score_pipeline", *(argv or sys.argv[1:])]),
         "machine_before": machine_facts(), "count": args.count, "batch_size": batch, "threads": args.threads,
+        "workers": args.workers, "decode_processes": args.decode_processes, "reference_workers": args.reference_workers,
         "bundle": str(args.bundle), "runs": [],
     }
     kinds = ["pipeline", "model", *(["reference"] if args.reference_repo else [])]
@@ -182,7 +209,7 @@ def main(argv: list[str] | None = None) -> int:
                 if kind == "model":
                     run = measure_model(files, args.bundle, args.threads, batch)
                 elif kind == "pipeline":
-                    run = measure_pipeline(files, args.bundle, args.threads, root)
+                    run = measure_pipeline(files, args.bundle, args.threads, root, args.workers, args.decode_processes)
                 else:
                     run = _reference_pipeline(args.reference_repo.resolve(), base / "data", args, root)
                 run.update(kind=kind, rep=rep, images_per_s=_rate(run), loadavg_1m=os.getloadavg()[0])
@@ -214,7 +241,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"reference pipeline ({args.reference_repo}) {summary['reference_median_per_s']:.1f} images/s; "
               f"pipeline / reference {summary['pipeline_to_reference']:.2f} (per rep: "
               + ", ".join(f"{r:.2f}" for r in summary["pipeline_to_reference_per_rep"]) + ")")
-    print(f"batch {batch}, {args.threads} torch thread(s); load average before "
+    print(f"batch {batch}, {args.threads} torch thread(s), {args.workers} worker(s), "
+          f"{args.decode_processes} decoding process(es); load average before "
           f"{result['machine_before']['loadavg'][0]:.2f}, after {result['machine_after']['loadavg'][0]:.2f}")
     write_json(args.out, result)
     print(f"written {args.out}")

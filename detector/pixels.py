@@ -492,3 +492,66 @@ def decode_image(
     return indices, normalise_color(source, color, color_max)
 
 
+
+
+# ------------------------------------------------------------------ a data set, decoded
+
+
+@dataclass(frozen=True)
+class DecodeLimits:
+    """What decoding needs of the preprocessing settings (``PreprocessConfig.decode_limits``)."""
+
+    max_frames: int
+    frame_rule: FrameRule
+    max_pixels: int
+    percentiles: tuple[float, float]
+
+
+@dataclass(frozen=True)
+class DecodedDicom:
+    """A DICOM data set decoded to frames, before any resizing or cropping.
+
+    Only numpy and plain values, so that it can be made in another process and sent back
+    (``listener.decode_pool``): the model-side steps (``detector.preprocess.prepare_decoded``)
+    then run where the model is.
+    """
+
+    source: str
+    modality: str | None                # the data set's Modality as stored, None when absent
+    sop_instance_uid: str | None
+    frame_indices: tuple[int, ...]
+    frames: list[np.ndarray]            # (H, W, C) float32 in [0, 1]
+
+
+def decode_dataset(ds: Dataset, source: str | None, limits: DecodeLimits) -> DecodedDicom:
+    """Decode ``ds`` to frames; ``source`` names it in errors (default ``"SOP <uid>"``).
+
+    Raises only ``PreprocessError``: anything else that goes wrong is wrapped with its type.
+    """
+    try:
+        uid_value = ds.get("SOPInstanceUID")
+    except Exception:
+        uid_value = None
+    sop_uid = str(uid_value).strip() if uid_value else None
+    source = source or f"SOP {sop_uid or 'unknown'}"
+    try:
+        indices, frames = decode_dicom(
+            ds,
+            source,
+            max_frames=limits.max_frames,
+            frame_rule=limits.frame_rule,
+            max_pixels=limits.max_pixels,
+            percentiles=limits.percentiles,
+        )
+        modality = ds.get("Modality")
+        return DecodedDicom(
+            source=source,
+            modality=None if modality is None else str(modality),
+            sop_instance_uid=sop_uid,
+            frame_indices=indices,
+            frames=frames,
+        )
+    except PreprocessError:
+        raise
+    except Exception as exc:  # the contract: no raw pydicom/numpy error leaves this module
+        raise PreprocessError(source, f"unexpected {type(exc).__name__}: {_one_line(exc)}") from exc

@@ -30,14 +30,19 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from pydicom import dcmread
 from pydicom.dataset import Dataset
 
-from detector.errors import ImageTooLargeError, PreprocessError, UnsupportedPixelDataError
-from detector.pixels import decode_dicom, decode_image
+from detector.errors import (
+    ImageTooLargeError,
+    PreprocessError,
+    UnsupportedPixelDataError,
+)
+from detector.pixels import DecodedDicom, DecodeLimits, decode_dataset, decode_image
 
 __all__ = [
     "PreparedImage",
     "PreprocessConfig",
     "noise_crop",
     "prepare_dataset",
+    "prepare_decoded",
     "prepare_file",
     "prepare_frames",
     "semantic_view",
@@ -63,6 +68,15 @@ class PreprocessConfig(BaseModel):
     max_pixels: int = Field(512 * 1024 * 1024, ge=1)  # Rows x Columns x Frames x Samples, checked before decoding
     percentile_window: tuple[float, float] = (0.5, 99.5)  # VOI fallback when the dataset has no window
     noise_position: Literal["center"] = "center"
+
+    def decode_limits(self) -> DecodeLimits:
+        """The settings that decoding uses (``detector.pixels.decode_dataset``)."""
+        return DecodeLimits(
+            max_frames=self.max_frames,
+            frame_rule=self.frame_rule,
+            max_pixels=self.max_pixels,
+            percentiles=self.percentile_window,
+        )
 
     @field_validator("percentile_window")
     @classmethod
@@ -179,34 +193,27 @@ def prepare_dataset(
     ``modality`` overrides the dataset's Modality (default ``"OT"``).
     """
     cfg = cfg or PreprocessConfig()
+    return prepare_decoded(decode_dataset(ds, source, cfg.decode_limits()), cfg, modality=modality)
+
+
+def prepare_decoded(decoded: DecodedDicom, cfg: PreprocessConfig, *, modality: str | None = None) -> PreparedImage:
+    """The model's two views of a decoded data set (``detector.pixels.decode_dataset``).
+
+    ``modality`` overrides the data set's Modality (default ``"OT"``).
+    """
+    source = decoded.source
     try:
-        uid_value = ds.get("SOPInstanceUID")
-    except Exception:
-        uid_value = None
-    sop_uid = str(uid_value).strip() if uid_value else None
-    source = source or f"SOP {sop_uid or 'unknown'}"
-    try:
-        indices, frames = decode_dicom(
-            ds,
-            source,
-            max_frames=cfg.max_frames,
-            frame_rule=cfg.frame_rule,
-            max_pixels=cfg.max_pixels,
-            percentiles=cfg.percentile_window,
-        )
-        if modality is None:
-            modality = _clean_modality(ds.get("Modality"))
         return prepare_frames(
-            frames,
+            decoded.frames,
             cfg,
             source=source,
-            modality=_clean_modality(modality),
-            sop_instance_uid=sop_uid,
-            frame_indices=indices,
+            modality=_clean_modality(decoded.modality if modality is None else modality),
+            sop_instance_uid=decoded.sop_instance_uid,
+            frame_indices=decoded.frame_indices,
         )
     except PreprocessError:
         raise
-    except Exception as exc:  # the contract: no raw pydicom/numpy error leaves this module
+    except Exception as exc:  # the contract: no raw torch/numpy error leaves this module
         raise PreprocessError(source, f"unexpected {type(exc).__name__}: {' '.join(str(exc).split())[:300]}") from exc
 
 

@@ -24,7 +24,6 @@ crash then loses nothing either.
 
 from __future__ import annotations
 
-import io
 import logging
 import os
 import threading
@@ -32,11 +31,9 @@ import time
 from collections.abc import Sequence
 from typing import Any, Protocol
 
-from pydicom import Dataset, dcmread
-from pydicom.filereader import read_dataset
-from pydicom.uid import DeflatedExplicitVRLittleEndian
-
 from listener.config import NodeConfig
+from listener.decode_pool import DecodeJob, DecodePool
+from listener.spool_decode import DecodeFailure, decode_spool_file, failure_reason
 from storage.errors import (
     DatabaseUnavailableError,
     InvalidTransitionError,
@@ -58,38 +55,14 @@ class DetectorLike(Protocol):
     def score_prepared(self, images: Sequence[Any]) -> list[Any]: ...
 
 
-def _prepare(detector: DetectorLike, path: str, record: InstanceRecord) -> Any:
-    """Read the spool file and prepare it; raises ``PreprocessError`` (or a read error)."""
-    return _prepare_with_header(detector, path, record)[0]
-
-
 def _prepare_with_header(detector: DetectorLike, path: str, record: InstanceRecord) -> tuple[Any, bytes | None]:
     """The prepared image and the file's bytes up to its Pixel Data (the header the SR builder
     needs, kept in the database so that any node can build the report; None for deflated files)."""
-    from detector.preprocess import prepare_dataset
+    from detector.preprocess import prepare_decoded
 
-    with open(path, "rb") as fh:
-        raw = fh.read()
-    ds, header = read_with_header(raw)
-    return prepare_dataset(ds, detector.preprocess_config, f"SOP {record.sop_instance_uid}"), header
-
-
-def read_with_header(raw: bytes) -> tuple[Dataset, bytes | None]:
-    """The whole data set of a DICOM file, and its bytes up to the Pixel Data (None for a
-    deflated file, whose stream positions are not the file's), from one parse.
-
-    The header is read first, up to the Pixel Data; the rest of the file is then read from
-    there in the same encoding and added: the data set ``dcmread`` gives for the whole
-    file, without a second parse of the header (which cost as much as the forward pass).
-    """
-    stream = io.BytesIO(raw)
-    ds = dcmread(stream, stop_before_pixels=True)
-    if ds.file_meta.get("TransferSyntaxUID") == DeflatedExplicitVRLittleEndian:
-        return dcmread(io.BytesIO(raw)), None
-    header_end = stream.tell()
-    is_implicit_vr, is_little_endian = ds.original_encoding
-    ds.update(read_dataset(stream, is_implicit_vr, is_little_endian))
-    return ds, raw[:header_end]
+    cfg = detector.preprocess_config
+    spooled = decode_spool_file(path, f"SOP {record.sop_instance_uid}", cfg.decode_limits())
+    return prepare_decoded(spooled.decoded, cfg), spooled.header
 
 
 class Pipeline:
@@ -103,6 +76,8 @@ class Pipeline:
         self._batch_wait = cfg.detector.batch_wait_ms / 1000.0
         self._workers = cfg.detector.workers
         self._poll = cfg.processing.poll_interval_seconds
+        self._decode_processes = cfg.detector.decode_processes
+        self._decode_pool: DecodePool | None = None
         self._stop = threading.Event()
         self._wake = threading.Event()
         self._score_lock = threading.Lock()
@@ -114,6 +89,9 @@ class Pipeline:
         if self._threads:
             return
         self._stop.clear()
+        if self._decode_processes and self._decode_pool is None:
+            self._decode_pool = DecodePool(self._decode_processes)
+            self._decode_pool.start()
         prefix = f"{os.uname().nodename}:{os.getpid()}"
         for i in range(self._workers):
             name = f"{prefix}:worker-{i}"
@@ -122,7 +100,12 @@ class Pipeline:
             self._threads.append(t)
         logger.info(
             "pipeline started",
-            extra={"workers": self._workers, "batch_size": self._batch, "batch_wait_ms": round(self._batch_wait * 1000, 1)},
+            extra={
+                "workers": self._workers,
+                "decode_processes": self._decode_processes,
+                "batch_size": self._batch,
+                "batch_wait_ms": round(self._batch_wait * 1000, 1),
+            },
         )
 
     def wake(self) -> None:
@@ -137,6 +120,9 @@ class Pipeline:
             if t.is_alive():
                 logger.warning("worker still busy at shutdown; its rows will be requeued", extra={"worker_thread": t.name})
         self._threads = []
+        if self._decode_pool is not None:
+            self._decode_pool.close()
+            self._decode_pool = None
         logger.info("pipeline stopped")
 
     @property
@@ -170,11 +156,9 @@ class Pipeline:
             return 0
         prepared: list[tuple[InstanceRecord, Any]] = []
         headers: dict[int, bytes | None] = {}
-        for record in records:
-            result = self._prepare_one(record)
-            if result is not None:
-                image, headers[record.id] = result
-                prepared.append((record, image))
+        for record, image, header in self._prepare_batch(records):
+            headers[record.id] = header
+            prepared.append((record, image))
         if not prepared:
             return len(records)
         try:
@@ -236,21 +220,53 @@ class Pipeline:
             logger.debug("partial batch", extra={"worker": worker, "size": len(records), "batch_size": self._batch})
         return records
 
-    def _prepare_one(self, record: InstanceRecord) -> tuple[Any, bytes | None] | None:
-        from detector.errors import PreprocessError
+    def _prepare_batch(self, records: Sequence[InstanceRecord]) -> list[tuple[InstanceRecord, Any, bytes | None]]:
+        """Each record's prepared image and header; a record that cannot be prepared is
+        marked failed with the reason and left out."""
+        pool = self._decode_pool
+        if pool is None:
+            ready = ((record, self._prepare_one(record)) for record in records)
+            return [(record, *result) for record, result in ready if result is not None]
+        from detector.preprocess import prepare_decoded
 
+        jobs: list[DecodeJob] = []
+        waiting: list[InstanceRecord] = []
+        for record in records:
+            path = self._spool_path(record)
+            if path is not None:
+                jobs.append(DecodeJob(path, f"SOP {record.sop_instance_uid}"))
+                waiting.append(record)
+        cfg = self._detector.preprocess_config
+        out: list[tuple[InstanceRecord, Any, bytes | None]] = []
+        for record, outcome in zip(waiting, pool.decode(jobs, cfg.decode_limits()), strict=True):
+            if isinstance(outcome, DecodeFailure):
+                self._finish_failed(record, outcome.reason)
+                continue
+            try:
+                out.append((record, prepare_decoded(outcome.decoded, cfg), outcome.header))
+            except Exception as exc:  # the model's views of odd frames: a defined failure
+                self._finish_failed(record, failure_reason(exc))
+        return out
+
+    def _prepare_one(self, record: InstanceRecord) -> tuple[Any, bytes | None] | None:
+        path = self._spool_path(record)
+        if path is None:
+            return None
+        try:
+            return _prepare_with_header(self._detector, path, record)
+        except Exception as exc:  # pydicom / decoders on broken data: a defined failure, not a score
+            self._finish_failed(record, failure_reason(exc))
+        return None
+
+    def _spool_path(self, record: InstanceRecord) -> str | None:
+        """Where the record's spool file is; None (and the record failed) when nowhere."""
         if record.spool_path is None:
             self._finish_failed(record, "spool file already deleted")
             return None
         try:
-            path = str(self._spool.resolve(record.spool_path))
-            return _prepare_with_header(self._detector, path, record)
-        except PreprocessError as exc:
-            self._finish_failed(record, exc.reason)
+            return str(self._spool.resolve(record.spool_path))
         except (SpoolError, OSError) as exc:
             self._finish_failed(record, f"cannot read spool file: {exc}")
-        except Exception as exc:  # pydicom / decoders on broken data: a defined failure, not a score
-            self._finish_failed(record, f"cannot prepare image: {type(exc).__name__}: {exc}")
         return None
 
     def _finish_failed(self, record: InstanceRecord, reason: str) -> None:

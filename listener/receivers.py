@@ -20,7 +20,6 @@ node never leaves receivers acknowledging stores that nobody will score.
 
 from __future__ import annotations
 
-import ctypes
 import logging
 import multiprocessing
 import os
@@ -35,27 +34,16 @@ from typing import Any
 
 from listener.acceptor import listening_socket
 from listener.association_count import SharedAssociationCount
+from listener.child_process import die_with_parent
 from listener.config import NodeConfig
 
 logger = logging.getLogger(__name__)
 
 _READY = b"R"
 _STORED = b"S"
-_PR_SET_PDEATHSIG = 1
 _START_TIMEOUT_SECONDS = 60.0
 _RESTART_DELAY_SECONDS = 1.0
 _COALESCE_SECONDS = 0.005
-
-
-def _die_with_parent(parent_pid: int) -> None:
-    """Ask the kernel to SIGKILL this process when its parent dies (Linux)."""
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
-    except (OSError, AttributeError):  # not Linux: the parent's stop() still ends us
-        return
-    if os.getppid() != parent_pid:  # the parent died before prctl took effect
-        os._exit(1)
 
 
 def receiver_main(
@@ -69,7 +57,7 @@ def receiver_main(
 ) -> None:
     """A receiver process: serve ``listening`` until SIGTERM, counting its associations in
     slot ``index`` of the node's shared ``association_counts``."""
-    _die_with_parent(parent_pid)
+    die_with_parent(parent_pid)
     from listener.logging_setup import configure as configure_logging
     from listener.scp import StorageSCP
     from storage.database import Database

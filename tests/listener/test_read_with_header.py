@@ -1,4 +1,4 @@
-"""listener.pipeline.read_with_header: one parse gives what two gave before.
+"""listener.spool_decode.read_with_header: one parse gives what two gave before.
 
 The worker used to read each spool file twice: ``dcmread`` of the whole file, and again up
 to the Pixel Data for the header the SR builder keeps. ``read_with_header`` reads the
@@ -18,7 +18,7 @@ from pydicom import dcmread
 from pydicom.errors import InvalidDicomError
 from pydicom.uid import DeflatedExplicitVRLittleEndian
 
-from listener.pipeline import read_with_header
+from listener.spool_decode import read_with_header
 
 
 def _two_parses(raw: bytes) -> tuple[object, bytes | None]:
@@ -31,7 +31,8 @@ def _two_parses(raw: bytes) -> tuple[object, bytes | None]:
     return ds, raw[: stream.tell()]
 
 
-def _dicom_test_files() -> list[Path]:
+def dicom_test_files() -> list[Path]:
+    """pydicom's own test files that dcmread opens (also used by test_decode_pool)."""
     # the files pydicom ships, globbed directly: get_testdata_files() also tries to download
     # pydicom-data, which hangs without a network
     local = Path(pydicom.data.__file__).parent / "test_files"
@@ -47,7 +48,7 @@ def _dicom_test_files() -> list[Path]:
     return found
 
 
-_FILES = _dicom_test_files()
+_FILES = dicom_test_files()
 
 
 def test_there_are_files_of_many_kinds() -> None:
