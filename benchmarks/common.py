@@ -242,3 +242,24 @@ def tree_memory(pid: int, keys: Sequence[str] = ("VmRSS", "VmHWM")) -> dict[str,
         except OSError:  # it exited meanwhile
             pass
     return out
+
+
+def add_scoring_arguments(parser: Any) -> None:
+    """``--workers`` and ``--decode-processes`` for a benchmark that starts ``dski serve``."""
+    parser.add_argument("--workers", type=int, default=None, help="detector.workers (default: the shipped value)")
+    parser.add_argument("--decode-processes", type=int, default=None,
+                        help="detector.decode_processes (default: the shipped value)")
+
+
+def scoring_overrides(workers: int | None, decode_processes: int | None) -> dict[str, int]:
+    """The node's ``detector`` settings for its scoring threads and decoding processes: the
+    shipped values unless given. ``decode_processes`` 0 is left out, so that the node of a
+    checkout older than the setting (``--reference-repo``, ``PYTHONPATH``) accepts it."""
+    from listener.config import DetectorConfig
+
+    shipped = DetectorConfig()
+    out = {"workers": shipped.workers if workers is None else workers}
+    processes = shipped.decode_processes if decode_processes is None else decode_processes
+    if processes:
+        out["decode_processes"] = processes
+    return out

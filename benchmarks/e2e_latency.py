@@ -1,7 +1,7 @@
 """End-to-end latency: last instance acknowledged -> the series' SR stored in the PACS.
 
     python -m benchmarks.e2e_latency [--count 200] [--reps 3] [--idle 3] [--bundle bundles/default]
-        [--torch-threads 1] [--batch-wait-ms 50 | 0,50] [--poll 0.5] [--dispatch-interval 2]
+        [--torch-threads 1] [--workers N] [--decode-processes N] [--batch-wait-ms 50 | 0,50] [--poll 0.5] [--dispatch-interval 2]
         [--keep DIR] [--out benchmarks/out/e2e-latency.json]
 
 Set-up (everything real, on loopback, in a temporary folder):
@@ -12,7 +12,8 @@ Set-up (everything real, on loopback, in a temporary folder):
   database, with ``--bundle`` (the shipped default bundle), ``processing.series_idle_seconds
   = --idle`` and otherwise the shipped defaults of the timing settings
   (``processing.poll_interval_seconds`` 0.5 s, ``dispatch.interval_seconds`` 2 s,
-  ``detector.batch_size`` 8, ``detector.batch_wait_ms`` 50, one worker), one torch thread
+  ``detector.batch_size`` 8, ``detector.batch_wait_ms`` 50, the shipped ``detector.workers``
+  and ``detector.decode_processes``, or ``--workers`` and ``--decode-processes``), one torch thread
   (``--torch-threads``; the machine is shared), dispatching every SR to that Orthanc;
 - the modality: dcmtk ``storescu`` (``TCP_NODELAY=1``), one association per series.
 
@@ -60,7 +61,14 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from benchmarks.common import machine_facts, make_ct_instances, median, write_json
+from benchmarks.common import (
+    add_scoring_arguments,
+    machine_facts,
+    make_ct_instances,
+    median,
+    scoring_overrides,
+    write_json,
+)
 from listener.config import NodeConfig
 
 REPO = Path(__file__).resolve().parent.parent
@@ -125,8 +133,9 @@ def batch_sizes(elapsed_ms: list[float]) -> list[int]:
 
     ``Detector.score_prepared`` gives each image of a batch its share (by frames) of the
     batch's time, so the single-frame images of one batch carry the same ``elapsed_ms``, and
-    one worker records them one after the other: a run of equal values in verdict order is
-    one batch (two adjacent batches of equal size and an identical float time would merge).
+    each batch's verdicts are recorded in one transaction, one batch after the other (also
+    with several workers): a run of equal values in verdict order is one batch (two adjacent
+    batches of equal size and an identical float time would merge).
     """
     sizes: list[int] = []
     previous = None
@@ -204,7 +213,7 @@ def one_rep(i: int, node: Any, pacs: Any, work: Path, count: int, idle: float, p
         "bound_s": round(bound, 3),
         "within_bound": latency <= bound,
         "model_seconds": round(facts["model_seconds"], 3),
-        # forward passes over this series (one worker; see batch_sizes)
+        # forward passes over this series (see batch_sizes)
         "batches": len(facts["batch_sizes"]),
         "mean_batch": round(count / max(1, len(facts["batch_sizes"])), 2),
         "batch_size_counts": {str(k): facts["batch_sizes"].count(k) for k in sorted(set(facts["batch_sizes"]))},
@@ -259,8 +268,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
     def overrides(wait: float) -> dict[str, Any]:
         return {
-            "detector": {"batch_size": args.batch_size, "batch_wait_ms": wait, "workers": 1,
-                         "torch_threads": args.torch_threads},
+            "detector": {"batch_size": args.batch_size, "batch_wait_ms": wait, "torch_threads": args.torch_threads,
+                         **scoring_overrides(args.workers, args.decode_processes)},
             "processing": {"series_idle_seconds": args.idle, "poll_interval_seconds": poll},
             "dispatch": {"interval_seconds": dispatch_interval, "backoff_initial_seconds": 1,
                          "backoff_max_seconds": 4, "timeout_seconds": 10},
@@ -317,6 +326,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--idle", type=float, default=3.0, help="processing.series_idle_seconds")
     ap.add_argument("--bundle", type=Path, default=DEFAULT_BUNDLE)
     ap.add_argument("--torch-threads", type=int, default=1)
+    add_scoring_arguments(ap)
     ap.add_argument("--batch-size", type=int, default=NodeConfig().detector.batch_size)
     ap.add_argument("--batch-wait-ms", default=None,
                     help="detector.batch_wait_ms (default: the shipped one); a comma list (e.g. 0,50) runs one node "

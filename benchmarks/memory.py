@@ -53,7 +53,14 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-from benchmarks.common import machine_facts, make_ct_instances, tree_memory, write_json
+from benchmarks.common import (
+    add_scoring_arguments,
+    machine_facts,
+    make_ct_instances,
+    scoring_overrides,
+    tree_memory,
+    write_json,
+)
 
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT_BUNDLE = REPO / "bundles" / "default"
@@ -205,7 +212,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         print(f"wrote {len(files)} instances in {time.monotonic() - t:.1f} s", flush=True)
         node_port = free_port()
         overrides = {
-            "detector": {"batch_size": args.batch_size, "workers": 1, "torch_threads": args.torch_threads},
+            "detector": {"batch_size": args.batch_size, "torch_threads": args.torch_threads,
+                         **scoring_overrides(args.workers, args.decode_processes)},
             "processing": {"series_idle_seconds": args.idle, "poll_interval_seconds": 0.5},
             "dispatch": {"interval_seconds": 1, "timeout_seconds": 30},
         }
@@ -298,6 +306,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--backlog", type=int, default=400, help="send the next chunk once fewer wait to be scored")
     ap.add_argument("--idle", type=float, default=5.0, help="processing.series_idle_seconds")
     ap.add_argument("--torch-threads", type=int, default=1)
+    add_scoring_arguments(ap)
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--bank-size", type=int, default=1000)
     ap.add_argument("--no-pacs", action="store_true", help="no Orthanc: reports are built but not sent")

@@ -81,6 +81,7 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks.common import (
+    add_scoring_arguments,
     free_port,
     fsync_probe_ms,
     machine_facts,
@@ -89,6 +90,7 @@ from benchmarks.common import (
     percentile,
     require,
     run_storescu_parallel,
+    scoring_overrides,
     split,
     tree_cpu_seconds,
     wait_port,
@@ -449,7 +451,8 @@ def _timed_stores(port: int, datasets: list[Any]) -> list[float]:
 
 
 def real_scorer_latency_run(
-    root: Path, backlog: list[Path], files: list[Path], bundle: Path, torch_threads: int, receivers: int
+    root: Path, backlog: list[Path], files: list[Path], bundle: Path, torch_threads: int, receivers: int,
+    scoring: dict[str, int],
 ) -> dict[str, Any]:
     """C-STORE latency at ``dski serve`` while its own workers score a backlog with ``bundle``.
 
@@ -463,7 +466,7 @@ def real_scorer_latency_run(
     datasets = [pydicom.dcmread(f) for f in files]
     node = NodeProcess(root, bundle, overrides={
         "listener": {"receiver_processes": receivers},
-        "detector": {"torch_threads": torch_threads, "workers": 1},
+        "detector": {"torch_threads": torch_threads, **scoring},
         "processing": {"series_idle_seconds": 3600},  # no report building during the measurement
     })
     node.start()
@@ -487,7 +490,7 @@ def real_scorer_latency_run(
     finally:
         node.stop()
     return {
-        "scorer": f"dski serve, bundle {bundle}, {torch_threads} torch threads",
+        "scorer": f"dski serve, bundle {bundle}, {torch_threads} torch threads, {scoring}",
         "node": f"node, receiver_processes {receivers}",
         "scorer_threads": torch_threads,
         "count": len(times),
@@ -512,6 +515,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--real-scorer", type=Path, metavar="BUNDLE",
                         help="also measure the latency at dski serve while its workers score a backlog with this "
                              "bundle (e.g. bundles/default), for the shipped receiver_processes and the --receivers variants")
+    add_scoring_arguments(parser)  # of the node under --real-scorer
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "out" / "receive.json")
     parser.add_argument("--postgres", action="store_true",
                         help="also run 1 and 2 node processes on one throwaway PostgreSQL database (pg1, pg2)")
@@ -649,7 +653,7 @@ def main(argv: list[str] | None = None) -> int:
                 for k in [shipped, *(k for k in receiver_variants if k != shipped)]:
                     result["latency"].append(real_scorer_latency_run(
                         base / f"latency-real-{k}", backlog, timed, args.real_scorer.absolute(),
-                        args.scorer_threads, k,
+                        args.scorer_threads, k, scoring_overrides(args.workers, args.decode_processes),
                     ))
             if args.reference_repo:
                 result["latency"] += [

@@ -116,10 +116,11 @@ class DetectorConfig(_Strict):
     batch_size: int = Field(8, ge=1, le=512)
     # a short claim waits this long for more instances to fill the batch (0: off)
     batch_wait_ms: float = Field(50, ge=0, le=10000)
-    workers: int = Field(1, ge=1, le=64)
+    # two: one scores while the other's batch is read and decoded (docs/performance.md)
+    workers: int = Field(2, ge=1, le=64)
     # processes that read and decode the workers' spool files (listener.decode_pool); 0: the
     # worker threads do it themselves
-    decode_processes: int = Field(0, ge=0, le=64)
+    decode_processes: int = Field(1, ge=0, le=64)
     torch_threads: int = Field(0, ge=0)  # 0: let torch decide
     # niceness of the node process's scoring (and scheduling) threads: receivers go first
     nice: int = Field(10, ge=0, le=19)

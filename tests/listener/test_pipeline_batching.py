@@ -87,7 +87,8 @@ def _no_files(monkeypatch: pytest.MonkeyPatch) -> None:
 def _pipeline(batch_size: int, wait_ms: float, poll: float = 5.0) -> tuple[Pipeline, FakeRepo, FakeDetector]:
     cfg = parse_config(
         {
-            "detector": {"batch_size": batch_size, "batch_wait_ms": wait_ms, "workers": 1},
+            # decoding in the worker thread: the fake "prepared image" is the instance id
+            "detector": {"batch_size": batch_size, "batch_wait_ms": wait_ms, "workers": 1, "decode_processes": 0},
             # a long poll: only wake() (a store) makes an idle worker look at the queue promptly
             "processing": {"poll_interval_seconds": poll},
         }

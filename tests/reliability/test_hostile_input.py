@@ -137,12 +137,20 @@ def _assert_refused(node: ListenerHandle, rsp, status: int, sop_instance: str, s
 
 
 def _process(node: ListenerHandle, detector) -> None:
-    """The real worker pipeline, run synchronously until the queue is empty."""
+    """The real worker pipeline as shipped (its worker threads and decoding process), started
+    until the queue is empty."""
     node.settle()  # the acknowledged rows are in the database (the journal applied them)
-    cfg = parse_config({"detector": {"batch_size": 8}})
+    cfg = parse_config({"detector": {"batch_size": 8, "batch_wait_ms": 0}})
+    assert cfg.detector.decode_processes > 0  # the shipped path decodes in a child process
     pipeline = Pipeline(node.repo, detector, node.spool, cfg)
-    while pipeline.run_once("hostile-test"):
-        pass
+    pipeline.start()
+    try:
+        deadline = time.monotonic() + 120
+        while node.query("SELECT id FROM instances WHERE status IN ('received', 'analysing')"):
+            assert time.monotonic() < deadline, "the workers did not empty the queue"
+            time.sleep(0.02)
+    finally:
+        pipeline.stop()
 
 
 def _assert_failed_without_score(node: ListenerHandle, detector, sop_instance: str, reason: str) -> None:
