@@ -121,6 +121,9 @@ class DetectorConfig(_Strict):
     # processes that read and decode the workers' spool files (listener.decode_pool); 0: the
     # worker threads do it themselves
     decode_processes: int = Field(1, ge=0, le=64)
+    # an object whose decoding takes longer is failed and its decoding process killed
+    # (with decode_processes >= 1; a worker thread cannot be stopped)
+    decode_timeout_seconds: float = Field(120, gt=0)
     torch_threads: int = Field(0, ge=0)  # 0: let torch decide
     # niceness of the node process's scoring (and scheduling) threads: receivers go first
     nice: int = Field(10, ge=0, le=19)

@@ -77,6 +77,7 @@ class Pipeline:
         self._workers = cfg.detector.workers
         self._poll = cfg.processing.poll_interval_seconds
         self._decode_processes = cfg.detector.decode_processes
+        self._decode_timeout = cfg.detector.decode_timeout_seconds
         self._decode_pool: DecodePool | None = None
         self._stop = threading.Event()
         self._wake = threading.Event()
@@ -90,7 +91,7 @@ class Pipeline:
             return
         self._stop.clear()
         if self._decode_processes and self._decode_pool is None:
-            self._decode_pool = DecodePool(self._decode_processes)
+            self._decode_pool = DecodePool(self._decode_processes, timeout_seconds=self._decode_timeout)
             self._decode_pool.start()
         prefix = f"{os.uname().nodename}:{os.getpid()}"
         for i in range(self._workers):
@@ -115,13 +116,15 @@ class Pipeline:
     def stop(self, timeout: float | None = 60.0) -> None:
         self._stop.set()
         self._wake.set()
+        busy = False
         for t in self._threads:
             t.join(timeout)
             if t.is_alive():
+                busy = True
                 logger.warning("worker still busy at shutdown; its rows will be requeued", extra={"worker_thread": t.name})
         self._threads = []
         if self._decode_pool is not None:
-            self._decode_pool.close()
+            self._decode_pool.close(wait=not busy)  # a busy worker may be waiting on a hung decoding
             self._decode_pool = None
         logger.info("pipeline stopped")
 

@@ -25,9 +25,13 @@ from listener.spool_decode import DecodeFailure, SpoolDecoded, decode_outcome
 from storage.database import Database
 from storage.repository import ReceivedObject, Repository
 from storage.spool import Spool
-from tests.listener.decode_crash import CRASH_SUFFIX, decode_or_crash
+from tests.listener.decode_crash import CRASH_SUFFIX, HANG_SUFFIX, decode_or_crash
 from tests.listener.test_read_with_header import dicom_test_files
-from tests.reliability.hostile_helpers import image_dataset, make_tiny_bundle, write_file
+from tests.reliability.hostile_helpers import (
+    image_dataset,
+    make_tiny_bundle,
+    write_file,
+)
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
@@ -91,6 +95,43 @@ def test_a_crash_fails_only_the_object_that_causes_it(tmp_path: Path) -> None:
         assert isinstance(after, SpoolDecoded) and after.decoded.source == "after"
     finally:
         decode_pool.close()
+
+
+def test_a_hung_decoding_is_stopped_and_fails_only_its_object(tmp_path: Path) -> None:
+    good = [write_file(image_dataset(seed=i), tmp_path / f"good-{i}.dcm") for i in range(3)]
+    hang = tmp_path / f"loop{HANG_SUFFIX}"
+    hang.write_bytes(good[0].read_bytes())
+    others = _children(os.getpid())
+    decode_pool = DecodePool(2, timeout_seconds=2.0, decode=decode_or_crash)
+    decode_pool.start()
+    try:
+        before = _children(os.getpid()) - others  # this pool's processes (and resource tracker)
+        assert before
+        paths = [good[0], hang, good[1], good[2]]
+        started = time.monotonic()
+        got = decode_pool.decode([DecodeJob(str(p), p.name) for p in paths], LIMITS)
+        took = time.monotonic() - started
+        assert got[1] == DecodeFailure("decoding took longer than 2 s; the decoding process was stopped")
+        for i in (0, 2, 3):
+            _assert_same(got[i], decode_outcome(str(paths[i]), paths[i].name, LIMITS), paths[i].name)
+        # the batch's limit (2 s x 2 objects per process), then 2 s alone, plus process starts
+        assert took < 30, took
+        # the processes that were decoding when it hung are gone, none left stuck in the loop
+        deadline = time.monotonic() + 10
+        while any(_alive(pid) for pid in before) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not [pid for pid in before if _alive(pid) and "resource_tracker" not in _cmdline(pid)]
+        (after,) = decode_pool.decode([DecodeJob(str(good[2]), "after")], LIMITS)
+        assert isinstance(after, SpoolDecoded)
+    finally:
+        decode_pool.close()
+
+
+def _cmdline(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_text().replace("\0", " ")
+    except OSError:
+        return ""
 
 
 def _children(pid: int) -> set[int]:
