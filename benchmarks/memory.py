@@ -1,11 +1,13 @@
 """Memory of a `dski serve` process over a 3000-instance study: RSS after 1000 and after 3000 analysed.
 
     python -m benchmarks.memory [--bundle vit-b-16 | default | PATH] [--count 3000] [--chunk 200]
-        [--backlog 400] [--at 1000] [--idle 5] [--torch-threads 1] [--no-pacs] [--keep DIR]
+        [--backlog 400] [--at 1000] [--idle 5] [--torch-threads 1] [--workers N]
+        [--decode-processes N] [--no-pacs] [--keep DIR]
         [--out benchmarks/out/memory-<bundle>.json]
 
 Set-up: ``dski serve`` as a subprocess (``tests.nodeproc.NodeProcess``: SQLite database,
-spool, one worker, batch 8, the shipped ``batch_wait_ms``), dispatching every SR to a real
+spool, the shipped ``workers`` and ``decode_processes`` unless ``--workers`` and
+``--decode-processes`` are given, batch 8, the shipped ``batch_wait_ms``), dispatching every SR to a real
 Orthanc (``tests.peers.OrthancServer``; ``--no-pacs``: no destination), with one of
 
 - ``vit-b-16``: an open_clip ViT-B-16 with random weights (``create_model("ViT-B-16",
@@ -25,8 +27,9 @@ building run side by side as they do with a steady modality, and the backlog sta
 database rather than in the test's timing.
 
 Sampled every ``--sample-every`` seconds from ``/proc/PID/status`` of the node process and
-its receiver processes (``listener.receiver_processes``), summed: ``VmRSS`` (resident set
-now) and ``VmHWM`` (peak so far, an upper bound when summed), with the number of instances
+its child processes (receivers, decoding processes, multiprocessing's resource tracker),
+summed: ``VmRSS`` (resident set now) and ``VmHWM`` (peak so far, an upper bound when
+summed), with the number of instances
 done (analysed + failed, from the node's database). Reported:
 
 - **RSS at 1000** (``--at``) and **at 3000**: the first sample at which that many instances
@@ -121,7 +124,7 @@ def build_vit_b16_bundle(root: Path, *, seed: int = 0, bank_size: int = 1000) ->
 
 
 def proc_status(pid: int) -> dict[str, int]:
-    """VmRSS and VmHWM in bytes of the node process and its receiver processes, summed."""
+    """VmRSS and VmHWM in bytes of the node process and its child processes, summed."""
     return tree_memory(pid)
 
 

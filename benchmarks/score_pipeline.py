@@ -1,11 +1,12 @@
 """Scoring throughput of the node's worker against the model alone, same run.
 
     python -m benchmarks.score_pipeline [--count 400] [--reps 3] [--bundle bundles/default]
-        [--threads 1] [--reference-repo DIR] [--out benchmarks/out/score-pipeline.json]
+        [--threads 1] [--workers 1] [--decode-processes 0] [--reference-repo DIR]
+        [--reference-workers 1] [--out benchmarks/out/score-pipeline.json]
 
 What the worker does per batch (``listener.pipeline.Pipeline.run_once``): claim up to
 ``detector.batch_size`` received rows, read each spool file, decode and prepare it, score
-the batch, record the verdicts. Measured here, in one process:
+the batch, record the verdicts. Measured here, in one process (and its decoding processes):
 
 - **pipeline**: ``--count`` CT instances of about 40 kB (pydicom's CT_small.dcm with new
   UIDs, ``benchmarks.common.make_ct_instances``) are put in a fresh spool and SQLite
@@ -13,7 +14,10 @@ the batch, record the verdicts. Measured here, in one process:
   rows; one worker then runs ``run_once`` until the queue is empty (``batch_wait_ms`` 0:
   the queue is full, nothing to wait for). Images per second, and the time per image of
   each step: the claim, the verdicts' recording, the model (``score_prepared``) and, the
-  rest, reading and preparing the files.
+  rest, reading and preparing the files. With ``--workers`` above 1 or ``--decode-processes``
+  (``detector.decode_processes``), the pipeline is started with its own threads instead,
+  timed from its first verdict until every instance is analysed; the steps' times are then
+  sums over the threads and overlap.
 - **model**: ``Detector.score_prepared`` alone on the same images, prepared beforehand, in
   batches of the same size: what the hardware allows for the model.
 

@@ -54,8 +54,10 @@ def _repository(cfg: NodeConfig):
 @app.command()
 def serve(config: Path = ConfigOption) -> None:
     """Run the node: listener, workers, scheduler, until SIGTERM / SIGINT."""
+    from listener.malloc_arenas import limit_malloc_arenas
     from listener.node import Node
 
+    limit_malloc_arenas()  # before any thread or child process: each would keep arenas of its own
     cfg = _load(config)
     try:
         code = Node(cfg).run_forever()

@@ -7,9 +7,11 @@ whose pixel data cannot be used is marked ``failed`` with the reason: there is
 never a silent score. Nothing is kept in memory between batches, so a crash loses
 nothing: rows left in ``analysing`` are put back by ``requeue_in_progress``.
 
-Preparation (reading, decoding, resizing) runs in every worker in parallel; the
-forward pass is serialised with a lock because a ``Detector`` scores one call at a
-time.
+Reading and decoding a batch's files runs in the decoding processes
+(``detector.decode_processes``, ``listener.decode_pool``), or in the worker itself when
+there are none; making the model's views and the forward pass run in the worker. The
+forward pass is serialised with a lock because a ``Detector`` scores one call at a time,
+so a second worker's batch is decoded while the first one's is scored.
 
 Batching across instances (``detector.batch_wait_ms``): a series arrives over the
 network one instance at a time, and a worker woken by the first store would score it

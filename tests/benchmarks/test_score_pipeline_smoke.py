@@ -34,3 +34,21 @@ def test_main_writes_its_result(tmp_path: Path) -> None:
     result = json.loads(out.read_text())
     assert {r["kind"] for r in result["runs"]} == {"pipeline", "model"}
     assert result["summary"]["pipeline_median_per_s"] > 0 and result["summary"]["model_median_per_s"] > 0
+
+
+def test_the_started_pipeline_with_a_decoding_process_scores_every_instance(tmp_path: Path) -> None:
+    files = make_ct_instances(tmp_path / "data", 24)
+    run = score_pipeline.measure_pipeline(files, BUNDLE, 1, tmp_path / "node", workers=2, decode_processes=1)
+    # timed from the first verdict: the instances of the first batch are not counted
+    assert 0 < run["images"] < 24 and run["seconds"] > 0
+    assert run["model_s"] > 0 and run["claim_s"] > 0 and run["record_s"] > 0
+
+
+def test_scoring_overrides_leave_out_no_decoding_processes() -> None:
+    from benchmarks.common import scoring_overrides
+    from listener.config import DetectorConfig
+
+    shipped = DetectorConfig()
+    assert scoring_overrides(None, None)["workers"] == shipped.workers
+    assert scoring_overrides(3, 0) == {"workers": 3}  # an older checkout's node does not know the key
+    assert scoring_overrides(1, 2) == {"workers": 1, "decode_processes": 2}
