@@ -506,6 +506,15 @@ class DecodeLimits:
     max_pixels: int
     percentiles: tuple[float, float]
 
+    def as_kwargs(self) -> dict[str, Any]:
+        """The keyword arguments of ``decode_dicom`` and ``decode_image``."""
+        return {
+            "max_frames": self.max_frames,
+            "frame_rule": self.frame_rule,
+            "max_pixels": self.max_pixels,
+            "percentiles": self.percentiles,
+        }
+
 
 @dataclass(frozen=True)
 class DecodedDicom:
@@ -535,14 +544,7 @@ def decode_dataset(ds: Dataset, source: str | None, limits: DecodeLimits) -> Dec
     sop_uid = str(uid_value).strip() if uid_value else None
     source = source or f"SOP {sop_uid or 'unknown'}"
     try:
-        indices, frames = decode_dicom(
-            ds,
-            source,
-            max_frames=limits.max_frames,
-            frame_rule=limits.frame_rule,
-            max_pixels=limits.max_pixels,
-            percentiles=limits.percentiles,
-        )
+        indices, frames = decode_dicom(ds, source, **limits.as_kwargs())
         modality = ds.get("Modality")
         return DecodedDicom(
             source=source,

@@ -242,14 +242,7 @@ def _read_dicom(path: Path, source: str, *, require_dicom_like: bool) -> Dataset
 def _prepare_image_file(path: Path, cfg: PreprocessConfig, source: str, modality: str | None) -> PreparedImage:
     try:
         with Image.open(path, formats=_PIL_FORMATS) as image:
-            indices, frames = decode_image(
-                image,
-                source,
-                max_frames=cfg.max_frames,
-                frame_rule=cfg.frame_rule,
-                max_pixels=cfg.max_pixels,
-                percentiles=cfg.percentile_window,
-            )
+            indices, frames = decode_image(image, source, **cfg.decode_limits().as_kwargs())
         return prepare_frames(
             frames,
             cfg,
