@@ -1,9 +1,9 @@
 """A cap on glibc's malloc arenas for the node and the processes it starts.
 
-glibc gives each thread that allocates concurrently an arena of its own, up to eight per
-core, and keeps what those arenas freed. With ViT-B-16, the node's second worker thread
-alone held about 150 MB more resident memory this way (docs/performance.md, Memory,
-session 9); two arenas brought it back.
+glibc gives threads that allocate at the same time arenas of their own, up to eight per
+core, and each arena keeps what was freed in it. With ViT-B-16 and the node's two workers,
+a cap of two arenas took about 150 MB off its steady resident memory (docs/performance.md,
+Memory, session 9).
 """
 
 from __future__ import annotations
