@@ -229,6 +229,12 @@ def serve_node(
     from storage.repository import Repository
     from storage.spool import Spool
 
+    try:
+        from listener.malloc_arenas import limit_malloc_arenas
+    except ImportError:  # a checkout older than the cap (--reference-repo)
+        pass
+    else:
+        limit_malloc_arenas()  # as dski serve does, before any thread or child process
     cfg = parse_config(node_config(root, port, database_url, receivers))
     receivers = cfg.listener.receiver_processes
     configure_logging(cfg.logging)
