@@ -147,9 +147,11 @@ class DecodePool:
         # the limit is per object: a process decodes its share of the batch one after the other
         deadline = time.monotonic() + self._timeout * math.ceil(len(jobs) / self._processes)
         results: list[SpoolDecoded | DecodeFailure | None] = []
+        killed = False
         for future in futures:
             try:
-                remaining = max(0.0, deadline - time.monotonic())
+                # once killed, the pending futures end with BrokenProcessPool: wait for that
+                remaining = None if killed else max(0.0, deadline - time.monotonic())
                 results.append(None if future is None else future.result(timeout=remaining))
             except BrokenProcessPool:
                 results.append(None)
@@ -159,6 +161,7 @@ class DecodePool:
                     extra={"objects": len(jobs), "timeout_seconds": self._timeout},
                 )
                 executor.kill()
+                killed = True
                 results.append(None)
         suspects = [i for i, result in enumerate(results) if result is None]
         if suspects:
