@@ -4,7 +4,7 @@ reduced-precision inference paths against fp32.
     python -m benchmarks.detect [--models vit-b-16,default] [--batches 1,8] [--reps 5]
         [--candidates bf16,int8-dynamic,bf16-autocast,threads-1,compile]
         [--accuracy-data DIR] [--no-throughput] [--no-precision] [--parts] [--ladder]
-        [--out benchmarks/out/detect.json]
+        [--device cpu|cuda|cuda:N] [--out benchmarks/out/detect.json]
 
 Models:
 
@@ -26,7 +26,9 @@ alternating in each repetition:
 
 - ``bf16``: ``detector.precision`` (ViT weights in bfloat16, noise branch and head fp32);
 - ``int8-dynamic``: ``detector.precision`` (dynamic int8 Linear layers in the frozen blocks);
-- ``bf16-autocast``: the fp32 model under ``torch.autocast("cpu", torch.bfloat16)``;
+- ``bf16-autocast``: the fp32 model under ``torch.autocast(<device type>, torch.bfloat16)``;
+- ``tf32`` (a GPU's): fp32 with TensorFloat-32 matrix products and convolutions allowed
+  (``torch.backends.cuda.matmul.allow_tf32``, ``torch.backends.cudnn.allow_tf32``);
 - ``threads-1``: fp32 with ``torch.set_num_threads(1)`` (the default is one per core);
 - ``compile``: ``torch.compile`` of the fp32 model (inductor, C++ on CPU), compile time printed;
 - ``bf16-compile``: ``torch.compile`` of the bf16 model.
@@ -49,6 +51,10 @@ stage's throughput paired with the bare backbone's in every repetition: the adap
 given precomputed noise tokens, then with the noise branch, then with the head, then the
 whole step (softmax, retrieval, fusion). A stage costs more inside the step than alone,
 where it shares the caches with the ViT; the ladder measures it there.
+
+``--device`` (``cpu`` by default) runs the models and their inputs on that device, as
+``detector.device`` does in the node; every timed call ends with its result on the host
+(the node needs the scores there), so GPU work is waited for. ``int8-dynamic`` is CPU-only.
 
 Every measurement records the load average (``os.getloadavg``) before and after; the machine
 facts go into the JSON result.
@@ -82,7 +88,7 @@ from detector.spec import BackboneSpec, ModelSpec
 
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT_BUNDLE = REPO / "bundles" / "default"
-ALL_CANDIDATES = ("bf16", "int8-dynamic", "bf16-autocast", "threads-1", "compile", "bf16-compile")
+ALL_CANDIDATES = ("bf16", "int8-dynamic", "bf16-autocast", "threads-1", "tf32", "compile", "bf16-compile")
 
 
 # --------------------------------------------------------------------------- models
@@ -98,6 +104,13 @@ class Setup:
     lam: float
     semantic_size: int
     noise_crop: int
+    device: torch.device = torch.device("cpu")
+
+    def to(self, device: torch.device) -> Setup:
+        """The model (parameters and cached text embeddings) on ``device``; the faiss bank stays on the CPU."""
+        self.model.to(device)
+        self.device = device
+        return self
 
 
 def bare_backbone(model: DSKIModel) -> nn.Module:
@@ -162,7 +175,7 @@ def inputs(setup: Setup, batch: int, seed: int = 0) -> tuple[torch.Tensor, torch
     semantic = torch.randn(batch, 3, setup.semantic_size, setup.semantic_size, generator=g)
     noise = torch.rand(batch, 3, setup.noise_crop, setup.noise_crop, generator=g)
     modality = torch.randint(0, len(setup.model.spec.head.modalities), (batch,), generator=g)
-    return semantic, noise, modality
+    return semantic.to(setup.device), noise.to(setup.device), modality.to(setup.device)
 
 
 # --------------------------------------------------------------------------- forwards
@@ -171,15 +184,16 @@ def dski_step(model: nn.Module, setup: Setup, semantic: torch.Tensor, noise: tor
     """One batch of the node's scoring (``Detector.frame_scores``): (fused score (B,), embeddings (B, D))."""
     with torch.inference_mode():
         emb, logits = model.embed_and_logits(semantic, noise, modality)
-        p_cls = torch.softmax(logits.float(), dim=-1)[:, 1].double().numpy()
-        emb_np = emb.float().numpy().astype(np.float32)
+        p_cls = torch.softmax(logits.float(), dim=-1)[:, 1].double().cpu().numpy()
+        emb_np = emb.float().cpu().numpy().astype(np.float32)
     p_ret = setup.bank.fake_probability(emb_np, setup.k, setup.temperature)
     return np.asarray(fuse(p_cls, p_ret, setup.lam), dtype=np.float64), emb_np
 
 
 def backbone_step(clip: nn.Module, semantic: torch.Tensor) -> torch.Tensor:
+    """The bare backbone's embeddings, on the host as the DSKI step's results are."""
     with torch.inference_mode():
-        return clip.encode_image(semantic)
+        return clip.encode_image(semantic).cpu()
 
 
 # --------------------------------------------------------------------------- timing
@@ -187,11 +201,19 @@ def loadavg() -> list[float]:
     return [round(x, 2) for x in os.getloadavg()]
 
 
+def synchronize() -> None:
+    """Wait for queued GPU work, so that a timed block ends when its last call has finished."""
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.synchronize()
+
+
 def time_calls(fn: Callable[[], Any], iters: int) -> float:
-    """Seconds for ``iters`` calls of ``fn``."""
+    """Seconds for ``iters`` calls of ``fn``, queued GPU work included."""
+    synchronize()
     t0 = time.perf_counter()
     for _ in range(iters):
         fn()
+    synchronize()
     return time.perf_counter() - t0
 
 
@@ -272,7 +294,7 @@ def parts(setup: Setup, batch: int, reps: int, target_s: float) -> dict[str, Any
     with torch.inference_mode():
         tokens = model.noise_tokens(noise)
         emb = model.embed(semantic, noise)
-    emb_np = emb.numpy().astype(np.float32)
+    emb_np = emb.cpu().numpy().astype(np.float32)
 
     variants = {
         "backbone": in_inference_mode(lambda: clip.encode_image(semantic)),
@@ -360,8 +382,11 @@ def candidate(setup: Setup, name: str) -> tuple[Callable[..., tuple[np.ndarray, 
         step = _bind(model, setup)
     elif name == "bf16-autocast":
         def step(s, n, m):  # type: ignore[no-untyped-def]
-            with torch.autocast("cpu", dtype=torch.bfloat16):
+            with torch.autocast(setup.device.type, dtype=torch.bfloat16):
                 return dski_step(setup.model, setup, s, n, m)
+    elif name == "tf32":
+        step = _bind(setup.model, setup)
+        setup_fn = lambda: allow_tf32(True)
     elif name == "threads-1":
         step = _bind(setup.model, setup)
         setup_fn = lambda: torch.set_num_threads(1)
@@ -380,6 +405,12 @@ def candidate(setup: Setup, name: str) -> tuple[Callable[..., tuple[np.ndarray, 
     return step, setup_fn, time.perf_counter() - t0
 
 
+def allow_tf32(allowed: bool) -> None:
+    """TensorFloat-32 for fp32 matrix products and convolutions on a GPU (off by default in torch)."""
+    torch.backends.cuda.matmul.allow_tf32 = allowed
+    torch.backends.cudnn.allow_tf32 = allowed
+
+
 def _bind(model: Any, setup: Setup) -> Callable[..., tuple[np.ndarray, np.ndarray]]:
     return lambda s, n, m: dski_step(model, setup, s, n, m)
 
@@ -387,6 +418,12 @@ def _bind(model: Any, setup: Setup) -> Callable[..., tuple[np.ndarray, np.ndarra
 def precision_candidates(setup: Setup, names: list[str], batch: int, reps: int,
                          target_s: float) -> list[dict[str, Any]]:
     threads = torch.get_num_threads()
+    tf32 = torch.backends.cuda.matmul.allow_tf32
+
+    def baseline() -> None:
+        torch.set_num_threads(threads)
+        allow_tf32(tf32)
+
     semantic, noise, modality = inputs(setup, batch, seed=1)
     ref = _bind(setup.model, setup)
     ref_score, ref_emb = ref(semantic, noise, modality)
@@ -399,18 +436,17 @@ def precision_candidates(setup: Setup, names: list[str], batch: int, reps: int,
                 setup_fn()
             score, emb = step(semantic, noise, modality)  # first call: compiles where it does
             first_call_s = time.perf_counter() - t0
-            torch.set_num_threads(threads)
+            baseline()
         except Exception as exc:  # noqa: BLE001 - a candidate that cannot run here is reported, not fatal
-            torch.set_num_threads(threads)
+            baseline()
             print(f"[precision] {setup.name:8s} {name}: failed: {type(exc).__name__}: {exc}", flush=True)
             rows.append({"model": setup.name, "candidate": name, "error": f"{type(exc).__name__}: {exc}"})
             continue
         res = alternate({
             "fp32": lambda: ref(semantic, noise, modality),
             name: lambda step=step: step(semantic, noise, modality),
-        }, batch, reps, target_s, setups={"fp32": lambda: torch.set_num_threads(threads),
-                                           **({name: setup_fn} if setup_fn else {})})
-        torch.set_num_threads(threads)
+        }, batch, reps, target_s, setups={"fp32": baseline, **({name: setup_fn} if setup_fn else {})})
+        baseline()
         row = {"model": setup.name, "candidate": name, "batch": batch,
                "fp32_img_s": res["median"]["fp32"], "candidate_img_s": res["median"][name],
                "speedup": ratio_of(res, name, "fp32"), "prepare_s": prep_s, "first_call_s": first_call_s,
@@ -438,7 +474,8 @@ def accuracy_images(data: Path | None, pydicom_files: int) -> list[Any]:
     return samples + extra
 
 
-def accuracy(bundle: Path, names: list[str], data: Path | None, pydicom_files: int) -> list[dict[str, Any]]:
+def accuracy(bundle: Path, names: list[str], data: Path | None, pydicom_files: int,
+             device: torch.device = torch.device("cpu")) -> list[dict[str, Any]]:
     """Scores of the bundle's fp32 ``Detector`` against each precision on real images."""
     from scipy.stats import spearmanr
 
@@ -448,7 +485,7 @@ def accuracy(bundle: Path, names: list[str], data: Path | None, pydicom_files: i
     from detector.preprocess import prepare_file
 
     items = accuracy_images(data, pydicom_files)
-    ref = Detector.load(bundle)
+    ref = Detector.load(bundle, device=device)
     prepared, labels = [], []
     for it in items:
         path, modality, label = (it, None, None) if isinstance(it, Path) else (it.path, it.modality, it.label)
@@ -469,7 +506,7 @@ def accuracy(bundle: Path, names: list[str], data: Path | None, pydicom_files: i
     has = np.array([x is not None for x in labels])
     rows = []
     for name in names:
-        det = Detector.load(bundle, precision=name)
+        det = Detector.load(bundle, device=device, precision=name)
         fused, cls = scores(det)
         thr = det.threshold
         row = {"candidate": name, "n_images": len(prepared), "n_labelled": int(has.sum()),
@@ -516,21 +553,30 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--parts-batch", type=int, default=8)
     ap.add_argument("--ladder", action="store_true",
                     help="also time the DSKI step built up stage by stage, paired with the backbone")
+    ap.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (as detector.device)")
     ap.add_argument("--out", type=Path, default=REPO / "benchmarks" / "out" / "detect.json")
     args = ap.parse_args(argv)
+    from detector.detector import resolve_device
+
+    try:
+        device = resolve_device(args.device)
+    except ValueError as exc:
+        ap.error(str(exc))
 
     if args.threads:
         torch.set_num_threads(args.threads)
     models = [m for m in args.models.split(",") if m]
     batches = [int(b) for b in args.batches.split(",") if b]
     names = [c for c in args.candidates.split(",") if c]
-    result: dict[str, Any] = {"machine": machine_facts(), "torch": torch.__version__,
+    result: dict[str, Any] = {"machine": machine_facts(), "torch": torch.__version__, "device": str(device),
+                              "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
                               "threads": torch.get_num_threads(), "args": {k: str(v) for k, v in vars(args).items()},
                               "throughput": [], "precision": [], "accuracy": [], "parts": [], "ladder": []}
     print(f"machine: {result['machine'].get('cpu_model')}, {result['machine']['cpus']} CPUs, torch "
-          f"{torch.__version__}, {torch.get_num_threads()} threads, load {result['machine']['loadavg']}", flush=True)
+          f"{torch.__version__}, {torch.get_num_threads()} threads, device {device}"
+          + (f" ({result['gpu']})" if result["gpu"] else "") + f", load {result['machine']['loadavg']}", flush=True)
     for m in models:
-        setup = vit_b16_setup(args.noise_crop, args.bank_size) if m == "vit-b-16" else bundle_setup(args.bundle)
+        setup = (vit_b16_setup(args.noise_crop, args.bank_size) if m == "vit-b-16" else bundle_setup(args.bundle)).to(device)
         if not args.no_throughput:
             result["throughput"] += throughput(setup, batches, args.reps, args.target_s)
         if args.parts:
@@ -543,7 +589,7 @@ def main(argv: list[str] | None = None) -> int:
         del setup
     acc_names = [n for n in names if n in ("bf16", "int8-dynamic")]
     if not args.no_precision and acc_names and "default" in models:
-        result["accuracy"] = accuracy(args.bundle, acc_names, args.accuracy_data, args.pydicom_files)
+        result["accuracy"] = accuracy(args.bundle, acc_names, args.accuracy_data, args.pydicom_files, device)
     result["machine"]["loadavg_end"] = loadavg()
     write_json(args.out, result)
     print(f"wrote {args.out}")

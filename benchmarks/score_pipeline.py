@@ -1,8 +1,8 @@
 """Scoring throughput of the node's worker against the model alone, same run.
 
-    python -m benchmarks.score_pipeline [--count 400] [--reps 3] [--bundle bundles/default]
-        [--threads 1] [--workers 1] [--decode-processes 0] [--reference-repo DIR]
-        [--reference-workers 1] [--out benchmarks/out/score-pipeline.json]
+    python -m benchmarks.score_pipeline [--count 400] [--reps 3] [--bundle bundles/default | vit-b-16]
+        [--threads 1] [--workers 1] [--decode-processes 0] [--device cpu] [--batch-size N]
+        [--reference-repo DIR] [--reference-workers 1] [--out benchmarks/out/score-pipeline.json]
 
 What the worker does per batch (``listener.pipeline.Pipeline.run_once``): claim up to
 ``detector.batch_size`` received rows, read each spool file, decode and prepare it, score
@@ -20,6 +20,10 @@ the batch, record the verdicts. Measured here, in one process (and its decoding 
   sums over the threads and overlap.
 - **model**: ``Detector.score_prepared`` alone on the same images, prepared beforehand, in
   batches of the same size: what the hardware allows for the model.
+
+``--bundle vit-b-16`` builds a DSKI bundle on an open_clip ViT-B-16 with random weights
+(``benchmarks.memory.build_vit_b16_bundle``); ``--device`` and ``--batch-size`` set
+``detector.device`` and ``detector.batch_size`` for both the pipeline and the model alone.
 
 Printed: both rates and pipeline / model, per repetition and the median; the two
 alternate in each repetition. With ``--reference-repo DIR`` the pipeline of another
@@ -55,7 +59,8 @@ def _timed(fn: Callable[..., Any], spent: list[float]) -> Callable[..., Any]:
 
 
 def measure_pipeline(
-    files: list[Path], bundle: Path, threads: int, root: Path, workers: int = 1, decode_processes: int = 0
+    files: list[Path], bundle: Path, threads: int, root: Path, workers: int = 1, decode_processes: int = 0,
+    device: str = "cpu", batch_size: int | None = None,
 ) -> dict[str, Any]:
     """Score ``files`` through the worker of the checkout first on ``sys.path``; seconds per step
     (summed over the worker threads when there are several)."""
@@ -77,7 +82,9 @@ def measure_pipeline(
                     "min_free_bytes": 0},
         "detector": {"bundle": str(bundle), "batch_wait_ms": 0, "workers": workers, "torch_threads": threads,
                      # only when asked for: a reference checkout may not know the setting
-                     **({"decode_processes": decode_processes} if decode_processes else {})},
+                     **({"decode_processes": decode_processes} if decode_processes else {}),
+                     **({"device": device} if device != "cpu" else {}),
+                     **({"batch_size": batch_size} if batch_size else {})},
     })
     db = Database(cfg.storage.database_url)
     db.migrate()
@@ -95,7 +102,7 @@ def measure_pipeline(
             status="received", reason=None, spool_path=str(entry.path), sha256=entry.sha256, size_bytes=entry.size,
         ))
     repo.record_received_batch(received)
-    detector = Detector.load(cfg.detector.bundle)
+    detector = Detector.load(cfg.detector.bundle, device=cfg.detector.device, batch_size=cfg.detector.batch_size)
 
     claim, record, model = [0.0], [0.0], [0.0]
     repo.claim_received = _timed(repo.claim_received, claim)  # type: ignore[method-assign]
@@ -136,7 +143,7 @@ def measure_pipeline(
     return {"images": done, "seconds": seconds, "claim_s": claim[0], "record_s": record[0], "model_s": model[0]}
 
 
-def measure_model(files: list[Path], bundle: Path, threads: int, batch: int) -> dict[str, Any]:
+def measure_model(files: list[Path], bundle: Path, threads: int, batch: int, device: str = "cpu") -> dict[str, Any]:
     """``score_prepared`` alone on prepared images, in batches of ``batch``."""
     import torch
 
@@ -144,7 +151,7 @@ def measure_model(files: list[Path], bundle: Path, threads: int, batch: int) -> 
     from detector.preprocess import prepare_file
 
     torch.set_num_threads(threads)
-    detector = Detector.load(bundle)
+    detector = Detector.load(bundle, device=device, batch_size=batch)
     images = [prepare_file(path, detector.preprocess_config) for path in files]
     batches = [images[i:i + batch] for i in range(0, len(images), batch)]
     detector.score_prepared(batches[0])
@@ -158,7 +165,8 @@ def _reference_pipeline(repo: Path, files_dir: Path, args: argparse.Namespace, r
     """``measure_pipeline`` with the product code of another checkout, in a subprocess."""
     out = subprocess.run(
         [sys.executable, str(Path(__file__).resolve()), "--measure-in", str(repo), str(files_dir), str(root),
-         "--bundle", str(args.bundle.resolve()), "--threads", str(args.threads), "--workers", str(args.reference_workers)],
+         "--bundle", str(args.bundle.resolve()), "--threads", str(args.threads), "--workers", str(args.reference_workers),
+         "--device", args.device, *(["--batch-size", str(args.batch_size)] if args.batch_size else [])],
         capture_output=True, text=True, check=True, cwd=repo,
     )
     return json.loads(out.stdout.strip().splitlines()[-1])
@@ -172,11 +180,14 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--count", type=int, default=400)
     parser.add_argument("--reps", type=int, default=3)
-    parser.add_argument("--bundle", type=Path, default=REPO / "bundles" / "default")
+    parser.add_argument("--bundle", type=Path, default=REPO / "bundles" / "default",
+                        help="a bundle folder, or vit-b-16 (random weights, built here)")
     parser.add_argument("--threads", type=int, default=1, help="torch.set_num_threads")
     parser.add_argument("--workers", type=int, default=1, help="detector.workers (threads)")
     parser.add_argument("--decode-processes", type=int, default=0,
                         help="detector.decode_processes of the pipeline (not of the reference)")
+    parser.add_argument("--device", default="cpu", help="detector.device: cpu, cuda or cuda:N")
+    parser.add_argument("--batch-size", type=int, default=None, help="detector.batch_size (default: the shipped one)")
     parser.add_argument("--reference-repo", type=Path, help="also run the worker of this checkout")
     parser.add_argument("--reference-workers", type=int, default=1, help="detector.workers of the reference")
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "out" / "score-pipeline.json")
@@ -187,23 +198,29 @@ def main(argv: list[str] | None = None) -> int:
         repo, files_dir, root = (Path(p) for p in args.measure_in)
         sys.path.insert(0, str(repo))
         files = sorted(files_dir.rglob("*.dcm"))
-        print(json.dumps(measure_pipeline(files, args.bundle, args.threads, root, args.workers)), flush=True)
+        print(json.dumps(measure_pipeline(files, args.bundle, args.threads, root, args.workers,
+                                          device=args.device, batch_size=args.batch_size)), flush=True)
         return 0
 
     sys.path.insert(0, str(REPO))
     from benchmarks.common import machine_facts, make_ct_instances, median, write_json
     from listener.config import DetectorConfig
 
-    batch = int(DetectorConfig.model_fields["batch_size"].default)
+    batch = args.batch_size or int(DetectorConfig.model_fields["batch_size"].default)
     result: dict[str, Any] = {
         "command": " ".join([Path(sys.executable).name, "-m", "benchmarks.score_pipeline", *(argv or sys.argv[1:])]),
         "machine_before": machine_facts(), "count": args.count, "batch_size": batch, "threads": args.threads,
         "workers": args.workers, "decode_processes": args.decode_processes, "reference_workers": args.reference_workers,
+        "device": args.device,
         "bundle": str(args.bundle), "runs": [],
     }
     kinds = ["pipeline", "model", *(["reference"] if args.reference_repo else [])]
     with tempfile.TemporaryDirectory(prefix="dski-bench-score-") as tmp:
         base = Path(tmp)
+        if str(args.bundle) == "vit-b-16":
+            from benchmarks.memory import build_vit_b16_bundle
+
+            args.bundle = build_vit_b16_bundle(base / "model")
         print(f"generating {args.count} CT instances ...", flush=True)
         files = make_ct_instances(base / "data", args.count)
         for rep in range(args.reps):
@@ -211,9 +228,10 @@ def main(argv: list[str] | None = None) -> int:
                 root = base / f"run-{rep}-{kind}"
                 root.mkdir()
                 if kind == "model":
-                    run = measure_model(files, args.bundle, args.threads, batch)
+                    run = measure_model(files, args.bundle, args.threads, batch, args.device)
                 elif kind == "pipeline":
-                    run = measure_pipeline(files, args.bundle, args.threads, root, args.workers, args.decode_processes)
+                    run = measure_pipeline(files, args.bundle, args.threads, root, args.workers, args.decode_processes,
+                                           args.device, args.batch_size)
                 else:
                     run = _reference_pipeline(args.reference_repo.resolve(), base / "data", args, root)
                 run.update(kind=kind, rep=rep, images_per_s=_rate(run), loadavg_1m=os.getloadavg()[0])
@@ -245,7 +263,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"reference pipeline ({args.reference_repo}) {summary['reference_median_per_s']:.1f} images/s; "
               f"pipeline / reference {summary['pipeline_to_reference']:.2f} (per rep: "
               + ", ".join(f"{r:.2f}" for r in summary["pipeline_to_reference_per_rep"]) + ")")
-    print(f"batch {batch}, {args.threads} torch thread(s), {args.workers} worker(s), "
+    print(f"device {args.device}, batch {batch}, {args.threads} torch thread(s), {args.workers} worker(s), "
           f"{args.decode_processes} decoding process(es); load average before "
           f"{result['machine_before']['loadavg'][0]:.2f}, after {result['machine_after']['loadavg'][0]:.2f}")
     write_json(args.out, result)
