@@ -165,6 +165,14 @@ class DSKIModel(ForensicModel):
     def _drop_folded_stem(self, *_: Any) -> None:
         self._folded_stem = None  # computed from weights that are about to be replaced
 
+    def _apply(self, fn: Any, recurse: bool = True) -> DSKIModel:
+        # The folded stem is a plain attribute, not a parameter or buffer, so .to(), .cuda() and
+        # .double() would leave it behind on the old device: fold again from the moved weights.
+        super()._apply(fn, recurse)
+        if self._folded_stem is not None:
+            self._folded_stem = self.noise_encoder.fold()
+        return self
+
     def noise_tokens(self, noise: torch.Tensor) -> torch.Tensor:
         """The noise branch's tokens, (B, grid², width), folded after ``prepare_inference``."""
         return self.noise_encoder(noise, self._folded_stem)

@@ -417,3 +417,16 @@ def test_detector_on_cuda_matches_cpu(tiny_bundle_factory, images):
     a = cpu.score_prepared(prepared)
     b = gpu.score_prepared(prepared)
     assert [v.score for v in a] == pytest.approx([v.score for v in b], abs=1e-4)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_a_bundle_loaded_on_the_cpu_scores_on_cuda(images):
+    # The shipped bundle folds its noise stem when loaded; moving it afterwards must move the fold.
+    default = Path(__file__).resolve().parents[2] / "bundles" / "default"
+    cpu = Detector.load(default)
+    gpu = Detector(load_bundle(default), device="cuda")
+    assert gpu.model._folded_stem is not None and gpu.model._folded_stem.weight.device.type == "cuda"
+    prepared = _prepare(images, cpu.bundle.spec)
+    a = cpu.score_prepared(prepared)
+    b = gpu.score_prepared(prepared)
+    assert [v.score for v in a] == pytest.approx([v.score for v in b], abs=1e-4)

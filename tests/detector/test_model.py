@@ -394,3 +394,16 @@ def test_baselines_shapes_and_gradients(method):
         # Native-resolution crops of another size work too (no resizing anywhere).
         with torch.no_grad():
             assert model(semantic, torch.rand(B, 3, 40, 40)).shape == (B, 2)
+
+
+def test_the_folded_stem_moves_with_the_model():
+    # Detector(load_bundle(path), device="cuda") moves a model that was folded on the CPU: the
+    # fold, a plain attribute, must follow the weights (the meta device stands in for a GPU here).
+    model = DSKIModel(ModelSpec(cdfa=CDFASpec(noise_stem="patch"))).prepare_inference()
+    model.to("meta")
+    assert model._folded_stem is not None
+    assert model._folded_stem.weight.device.type == "meta"
+    assert model._folded_stem.bias is None or model._folded_stem.bias.device.type == "meta"
+    training = DSKIModel(ModelSpec(cdfa=CDFASpec(noise_stem="patch")))
+    training.to(torch.float64)  # not folded for inference: nothing to fold again
+    assert training._folded_stem is None
