@@ -71,7 +71,7 @@ import sys
 import time
 import warnings
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -104,7 +104,7 @@ class Setup:
     lam: float
     semantic_size: int
     noise_crop: int
-    device: torch.device = torch.device("cpu")
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
 
     def to(self, device: torch.device) -> Setup:
         """The model (parameters and cached text embeddings) on ``device``; the faiss bank stays on the CPU."""
@@ -475,7 +475,7 @@ def accuracy_images(data: Path | None, pydicom_files: int) -> list[Any]:
 
 
 def accuracy(bundle: Path, names: list[str], data: Path | None, pydicom_files: int,
-             device: torch.device = torch.device("cpu")) -> list[dict[str, Any]]:
+             device: torch.device | str = "cpu") -> list[dict[str, Any]]:
     """Scores of the bundle's fp32 ``Detector`` against each precision on real images."""
     from scipy.stats import spearmanr
 

@@ -35,7 +35,12 @@ from typing import Any, Protocol
 
 from listener.config import NodeConfig
 from listener.decode_pool import DecodeJob, DecodePool
-from listener.spool_decode import DecodeFailure, decode_spool_file, failure_reason
+from listener.spool_decode import (
+    DecodeFailure,
+    SpoolDecoded,
+    decode_outcome,
+    failure_reason,
+)
 from storage.errors import (
     DatabaseUnavailableError,
     InvalidTransitionError,
@@ -57,14 +62,18 @@ class DetectorLike(Protocol):
     def score_prepared(self, images: Sequence[Any]) -> list[Any]: ...
 
 
-def _prepare_with_header(detector: DetectorLike, path: str, record: InstanceRecord) -> tuple[Any, bytes | None]:
-    """The prepared image and the file's bytes up to its Pixel Data (the header the SR builder
-    needs, kept in the database so that any node can build the report; None for deflated files)."""
-    from detector.preprocess import prepare_decoded
+def _decode_in_thread(jobs: Sequence[DecodeJob], limits: Any) -> list[SpoolDecoded | DecodeFailure]:
+    """What ``DecodePool.decode`` gives, decoded in the calling thread (no decoding processes)."""
+    return [decode_outcome(job.path, job.source, limits) for job in jobs]
 
-    cfg = detector.preprocess_config
-    spooled = decode_spool_file(path, f"SOP {record.sop_instance_uid}", cfg.decode_limits())
-    return prepare_decoded(spooled.decoded, cfg), spooled.header
+
+def _prepare_decoded(decoded: Any, cfg: Any) -> Any:
+    """The model's views of decoded frames (``detector.preprocess.prepare_decoded``)."""
+    from detector.preprocess import (
+        prepare_decoded,  # torch: imported by the workers only
+    )
+
+    return prepare_decoded(decoded, cfg)
 
 
 class Pipeline:
@@ -226,14 +235,10 @@ class Pipeline:
         return records
 
     def _prepare_batch(self, records: Sequence[InstanceRecord]) -> list[tuple[InstanceRecord, Any, bytes | None]]:
-        """Each record's prepared image and header; a record that cannot be prepared is
-        marked failed with the reason and left out."""
-        pool = self._decode_pool
-        if pool is None:
-            ready = ((record, self._prepare_one(record)) for record in records)
-            return [(record, *result) for record, result in ready if result is not None]
-        from detector.preprocess import prepare_decoded
-
+        """Each record's prepared image and header (the file's bytes up to its Pixel Data, which
+        the SR builder needs; kept in the database so that any node can build the report; None
+        for deflated files). A record that cannot be prepared is marked failed with the reason
+        and left out."""
         jobs: list[DecodeJob] = []
         waiting: list[InstanceRecord] = []
         for record in records:
@@ -242,26 +247,17 @@ class Pipeline:
                 jobs.append(DecodeJob(path, f"SOP {record.sop_instance_uid}"))
                 waiting.append(record)
         cfg = self._detector.preprocess_config
+        decode = self._decode_pool.decode if self._decode_pool is not None else _decode_in_thread
         out: list[tuple[InstanceRecord, Any, bytes | None]] = []
-        for record, outcome in zip(waiting, pool.decode(jobs, cfg.decode_limits()), strict=True):
-            if isinstance(outcome, DecodeFailure):
+        for record, outcome in zip(waiting, decode(jobs, cfg.decode_limits()), strict=True):
+            if isinstance(outcome, DecodeFailure):  # pydicom / decoders on broken data: never a score
                 self._finish_failed(record, outcome.reason)
                 continue
             try:
-                out.append((record, prepare_decoded(outcome.decoded, cfg), outcome.header))
+                out.append((record, _prepare_decoded(outcome.decoded, cfg), outcome.header))
             except Exception as exc:  # the model's views of odd frames: a defined failure
                 self._finish_failed(record, failure_reason(exc))
         return out
-
-    def _prepare_one(self, record: InstanceRecord) -> tuple[Any, bytes | None] | None:
-        path = self._spool_path(record)
-        if path is None:
-            return None
-        try:
-            return _prepare_with_header(self._detector, path, record)
-        except Exception as exc:  # pydicom / decoders on broken data: a defined failure, not a score
-            self._finish_failed(record, failure_reason(exc))
-        return None
 
     def _spool_path(self, record: InstanceRecord) -> str | None:
         """Where the record's spool file is; None (and the record failed) when nowhere."""

@@ -19,6 +19,7 @@ import listener.pipeline as pipeline_mod
 from detector.detector import Verdict
 from listener.config import parse_config
 from listener.pipeline import Pipeline
+from listener.spool_decode import SpoolDecoded
 
 
 class FakeRepo:
@@ -57,7 +58,7 @@ class FakeRepo:
 
 
 class FakeDetector:
-    preprocess_config = None
+    preprocess_config = SimpleNamespace(decode_limits=lambda: None)
 
     def __init__(self) -> None:
         self.batches: list[tuple[float, list[Any]]] = []  # (monotonic time, images)
@@ -80,8 +81,9 @@ class FakeSpool:
 
 @pytest.fixture(autouse=True)
 def _no_files(monkeypatch: pytest.MonkeyPatch) -> None:
-    # the "prepared image" is the instance id: no spool file, no DICOM decoding
-    monkeypatch.setattr(pipeline_mod, "_prepare_with_header", lambda detector, path, record: (record.id, None))
+    # the "prepared image" is the instance id (the spool path is "<id>.dcm"): no file, no DICOM decoding
+    monkeypatch.setattr(pipeline_mod, "decode_outcome", lambda path, source, limits: SpoolDecoded(path, None))
+    monkeypatch.setattr(pipeline_mod, "_prepare_decoded", lambda decoded, cfg: int(decoded.removesuffix(".dcm")))
 
 
 def _pipeline(batch_size: int, wait_ms: float, poll: float = 5.0) -> tuple[Pipeline, FakeRepo, FakeDetector]:
