@@ -31,7 +31,9 @@ alternating in each repetition:
   (``torch.backends.cuda.matmul.allow_tf32``, ``torch.backends.cudnn.allow_tf32``);
 - ``threads-1``: fp32 with ``torch.set_num_threads(1)`` (the default is one per core);
 - ``compile``: ``torch.compile`` of the fp32 model (inductor, C++ on CPU), compile time printed;
-- ``bf16-compile``: ``torch.compile`` of the bf16 model.
+- ``bf16-compile``: ``torch.compile`` of the bf16 model;
+- ``compile-graphs`` (a GPU's): ``torch.compile(mode="reduce-overhead")`` of the fp32 model,
+  which replays the step as CUDA graphs (fewer kernel launches).
 
 For each: speed ratio candidate/fp32, and the largest difference of the fused score (and of
 the embedding) against fp32 on the same random batch. On the default bundle, also on real
@@ -88,7 +90,8 @@ from detector.spec import BackboneSpec, ModelSpec
 
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT_BUNDLE = REPO / "bundles" / "default"
-ALL_CANDIDATES = ("bf16", "int8-dynamic", "bf16-autocast", "threads-1", "tf32", "compile", "bf16-compile")
+ALL_CANDIDATES = ("bf16", "int8-dynamic", "bf16-autocast", "threads-1", "tf32", "compile", "bf16-compile",
+                  "compile-graphs")
 
 
 # --------------------------------------------------------------------------- models
@@ -390,11 +393,12 @@ def candidate(setup: Setup, name: str) -> tuple[Callable[..., tuple[np.ndarray, 
     elif name == "threads-1":
         step = _bind(setup.model, setup)
         setup_fn = lambda: torch.set_num_threads(1)
-    elif name in ("compile", "bf16-compile"):
+    elif name in ("compile", "bf16-compile", "compile-graphs"):
         base = copy.deepcopy(setup.model)
         if name == "bf16-compile":
             apply_precision(base, "bf16")
-        compiled = torch.compile(base.embed_and_logits, dynamic=False)
+        mode = "reduce-overhead" if name == "compile-graphs" else None
+        compiled = torch.compile(base.embed_and_logits, dynamic=False, mode=mode)
 
         class _Compiled:
             embed_and_logits = staticmethod(compiled)
