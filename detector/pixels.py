@@ -49,6 +49,13 @@ _PIXEL_TAGS: tuple[tuple[int, str], ...] = (
     (0x7FE00008, "FloatPixelData"),
     (0x7FE00009, "DoubleFloatPixelData"),
 )
+# The top-level elements decode_dataset reads, besides the File Meta's Transfer Syntax UID:
+# SOP Instance UID and Modality; the image pixel, modality LUT, VOI LUT and palette groups
+# (0028); the functional groups of enhanced multi-frame objects (5200); the pixel data and
+# its offset tables (7FE0). A reader may hand it a data set of only these
+# (listener.spool_decode.read_for_decoding); a new element read here must be added.
+DECODE_TAGS = frozenset({0x00080018, 0x00080060})
+DECODE_GROUPS = frozenset({0x0028, 0x5200, 0x7FE0})
 _GRAY = {"MONOCHROME1", "MONOCHROME2"}
 _COLOR_IN = {"RGB", "YBR_FULL", "YBR_FULL_422", "YBR_RCT", "YBR_ICT"}
 _SUPPORTED_PI = _GRAY | _COLOR_IN | {"PALETTE COLOR"}

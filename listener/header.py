@@ -36,6 +36,21 @@ from pydicom.valuerep import EXPLICIT_VR_LENGTH_32, IS
 from pydicom.values import convert_string
 from pynetdicom import PYNETDICOM_IMPLEMENTATION_UID, PYNETDICOM_IMPLEMENTATION_VERSION
 
+from listener.dicom_walk import (
+    BIG_ENDIAN,
+    DEFLATED,
+    IMPLICIT,
+    ITEM,
+    MAX_NESTING,
+    SEQUENCE_END,
+    UNDEFINED_LENGTH,
+    VR_LONG,
+    Encoding,
+    data_set_start,
+    encoding_for,
+    meta_transfer_syntax,
+    skip_sequence,
+)
 from listener.dimse import STATUS_BAD_UID, STATUS_CANNOT_UNDERSTAND, STATUS_TOO_LARGE
 
 # Everything the listener, the classifier and is_own_report read from a header.
@@ -165,7 +180,7 @@ def _read_reference(data: bytes) -> tuple[Dataset, str]:
     # One walk of the element headers finds where the header tags end and whether the data
     # set is complete; pydicom then reads only the bytes up to the last tag it must decode
     # (for a CT with vendor private groups, about half of the elements).
-    meta_syntax = _meta_transfer_syntax(data)
+    meta_syntax = meta_transfer_syntax(data)
     reason, cut = _walk_data_set(data, meta_syntax) if meta_syntax is not None else (None, None)
     try:
         ds = _read_header(data if cut is None else data[:cut])
@@ -246,109 +261,10 @@ def _checked_header(
     )
 
 
-_VR_LONG = frozenset(b"OB OD OF OL OV OW SQ SV UC UN UR UT UV".split())
-_UNDEFINED = 0xFFFFFFFF
-_DEFLATED = "1.2.840.10008.1.2.1.99"
-_IMPLICIT = "1.2.840.10008.1.2"
-_BIG_ENDIAN = "1.2.840.10008.1.2.2"
 # The highest tag in HEADER_TAGS, (0028,0011) Columns: pydicom need not see what follows it.
 _LAST_HEADER_TAG = 0x00280011
 
 
-def _data_set_start(data: bytes) -> int | None:
-    """Offset of the data set after a File Meta group with its standard group length, else None."""
-    if data[128:132] != b"DICM" or data[132:136] != b"\x02\x00\x00\x00" or data[136:138] != b"UL":
-        return None
-    return 144 + int.from_bytes(data[140:144], "little")
-
-
-def _meta_transfer_syntax(data: bytes) -> str | None:
-    """The Transfer Syntax UID of the File Meta group (always explicit VR little endian), or None."""
-    start = _data_set_start(data)
-    if start is None:
-        return None
-    pos, end = 144, min(start, len(data))
-    while pos + 8 <= end:
-        group, element, vr = struct.unpack_from("<HH2s", data, pos)
-        if vr in _VR_LONG:
-            if pos + 12 > end:
-                return None
-            length, header = struct.unpack_from("<L", data, pos + 8)[0], 12
-        else:
-            length, header = struct.unpack_from("<H", data, pos + 6)[0], 8
-        if (group, element) == (0x0002, 0x0010):
-            return data[pos + header : pos + header + length].decode("ascii", "replace").rstrip("\x00 ")
-        pos += header + length
-    return None
-
-
-@dataclass(frozen=True)
-class _Encoding:
-    implicit: bool
-    tag: str  # struct format of (group, element)
-    short: str  # 2-byte length
-    long: str  # 4-byte length
-
-
-_MAX_NESTING = 16  # sequences nested deeper than this are left to pydicom (hostile input)
-_ITEM, _ITEM_END, _SEQUENCE_END = 0xFFFEE000, 0xFFFEE00D, 0xFFFEE0DD
-
-
-def _element_header(data: bytes, pos: int, enc: _Encoding) -> tuple[int, int, int] | None:
-    """(tag, header size, value length) of the element at ``pos``; None when its header does not fit."""
-    if pos + 8 > len(data):
-        return None
-    group, element = struct.unpack_from(enc.tag, data, pos)
-    if enc.implicit or group == 0xFFFE:  # items and delimiters have no VR in either encoding
-        return group << 16 | element, 8, struct.unpack_from(enc.long, data, pos + 4)[0]
-    if data[pos + 4 : pos + 6] in _VR_LONG:
-        if pos + 12 > len(data):
-            return None
-        return group << 16 | element, 12, struct.unpack_from(enc.long, data, pos + 8)[0]
-    return group << 16 | element, 8, struct.unpack_from(enc.short, data, pos + 6)[0]
-
-
-def _skip_sequence(data: bytes, pos: int, enc: _Encoding, depth: int) -> int | None:
-    """Offset just after an undefined-length sequence (or encapsulated pixel data) whose first
-    item starts at ``pos``; None when it cannot be followed with certainty."""
-    if depth > _MAX_NESTING:
-        return None
-    while pos + 8 <= len(data):
-        group, element = struct.unpack_from(enc.tag, data, pos)
-        tag, length = group << 16 | element, struct.unpack_from(enc.long, data, pos + 4)[0]
-        pos += 8
-        if tag == _SEQUENCE_END:
-            return pos
-        if tag != _ITEM:
-            return None
-        if length != _UNDEFINED:
-            pos += length
-            continue
-        item_end = _skip_item(data, pos, enc, depth + 1)
-        if item_end is None:
-            return None
-        pos = item_end
-    return None
-
-
-def _skip_item(data: bytes, pos: int, enc: _Encoding, depth: int) -> int | None:
-    """Offset just after the Item Delimitation of an undefined-length item whose elements start at ``pos``."""
-    while True:
-        header = _element_header(data, pos, enc)
-        if header is None:
-            return None
-        tag, size, length = header
-        if tag == _ITEM_END:
-            return pos + 8
-        if length == _UNDEFINED:
-            after = _skip_sequence(data, pos + size, enc, depth)
-            if after is None:
-                return None
-            pos = after
-        else:
-            pos += size + length
-        if pos > len(data):
-            return None
 
 
 def _walk_data_set(data: bytes, transfer_syntax: str) -> tuple[str | None, int | None]:
@@ -358,32 +274,25 @@ def _walk_data_set(data: bytes, transfer_syntax: str) -> tuple[str | None, int |
     of the first top-level element after ``_LAST_HEADER_TAG``, else None). Sequences
     and encapsulated pixel data of undefined length are stepped over item by item; one
     that cannot be followed (truncated, malformed, or nested deeper than
-    ``_MAX_NESTING``) ends the walk with (None, None): no offset, so that pydicom reads
+    ``MAX_NESTING``) ends the walk with (None, None): no offset, so that pydicom reads
     the whole data set and its errors refuse the object as they always did.
     Deflated data sets are not walked.
     """
-    start = _data_set_start(data)
+    start = data_set_start(data)
     if start is None:
         return None, None  # no standard meta group length to find the data set by: leave it to the parser
     if start >= len(data):
         return "empty data set", None
-    if transfer_syntax == _DEFLATED:
+    if transfer_syntax == DEFLATED:
         return None, None
-    big = transfer_syntax == _BIG_ENDIAN
-    enc = _Encoding(
-        implicit=transfer_syntax == _IMPLICIT,
-        tag=">HH" if big else "<HH",
-        short=">H" if big else "<H",
-        long=">L" if big else "<L",
-    )
-    return _walk_elements(data, enc, start, start, None)
+    return _walk_elements(data, encoding_for(transfer_syntax), start, start, None)
 
 
-def _walk_elements(data: bytes, enc: _Encoding, start: int, pos: int, cut: int | None) -> tuple[str | None, int | None]:
+def _walk_elements(data: bytes, enc: Encoding, start: int, pos: int, cut: int | None) -> tuple[str | None, int | None]:
     """``_walk_data_set`` from the top-level element at ``pos`` on (``cut`` found before it, if any)."""
     end = len(data)
     while pos < end:
-        header = 8 if enc.implicit else (12 if data[pos + 4 : pos + 6] in _VR_LONG else 8)
+        header = 8 if enc.implicit else (12 if data[pos + 4 : pos + 6] in VR_LONG else 8)
         if pos + header > end:
             return f"data set truncated inside an element header at byte {pos - start}", cut
         group, element = struct.unpack_from(enc.tag, data, pos)
@@ -395,8 +304,8 @@ def _walk_elements(data: bytes, enc: _Encoding, start: int, pos: int, cut: int |
             length = struct.unpack_from(enc.short, data, pos + 6)[0]
         else:
             length = struct.unpack_from(enc.long, data, pos + 8)[0]
-        if length == _UNDEFINED:
-            after = _skip_sequence(data, pos + header, enc, 0)
+        if length == UNDEFINED_LENGTH:
+            after = skip_sequence(data, pos + header, enc, 0)
             if after is None:  # not followed to its end: pydicom must read everything, as it did before
                 return None, None
             pos = after
@@ -467,8 +376,8 @@ _SHORT_VR: frozenset[bytes] = _ENCODED_VR - _LONG_VR
 _VR_LENGTH = struct.Struct("<4x2sH")  # (VR, 2-byte length) of an explicit VR element
 _IMPLICIT_LENGTH = struct.Struct("<4xL")
 _GROUP_LENGTH_HEADER = b"\x02\x00\x00\x00UL\x04\x00"
-_LE_EXPLICIT = _Encoding(implicit=False, tag="<HH", short="<H", long="<L")
-_LE_IMPLICIT = _Encoding(implicit=True, tag="<HH", short="<H", long="<L")
+_LE_EXPLICIT = Encoding(implicit=False, tag="<HH", short="<H", long="<L")
+_LE_IMPLICIT = Encoding(implicit=True, tag="<HH", short="<H", long="<L")
 
 # A header element as the walk finds it: (explicit VR or None, value offset, value length).
 _Found = tuple[bytes | None, int, int]
@@ -488,9 +397,9 @@ def _fast_elements(data: bytes) -> tuple[dict[int, _Found], bool, str] | None:
         return None  # empty, or too short for an element: the reference path says why
     try:
         transfer_syntax = _fast_meta(data, start)
-        if transfer_syntax in (_BIG_ENDIAN, _DEFLATED) or transfer_syntax in PrivateTransferSyntaxes:
+        if transfer_syntax in (BIG_ENDIAN, DEFLATED) or transfer_syntax in PrivateTransferSyntaxes:
             return None
-        implicit = transfer_syntax == _IMPLICIT
+        implicit = transfer_syntax == IMPLICIT
         if _looks_explicit(data, start) == implicit:
             return None  # pydicom would switch encodings (or refuse)
         if implicit:
@@ -539,7 +448,7 @@ def _walk_meta(data: bytes, start: int) -> str:
             length, pos = _U32_LE.unpack_from(data, pos + 8)[0], pos + 12
         else:
             raise _Unsure
-        if length == _UNDEFINED or pos + length > start:
+        if length == UNDEFINED_LENGTH or pos + length > start:
             raise _Unsure
         if tag == 0x00020010:
             transfer_syntax = data[pos : pos + length].decode("latin-1").rstrip("\x00 ")
@@ -661,7 +570,7 @@ _LONG_LENGTH_AND_VALUE = _length_and_value_pattern(4)
 _EXPLICIT_HEADER_RUN = _run(_stepped_tag_pattern() + _vr_pattern(_SHORT_VR) + _SHORT_LENGTH_AND_VALUE)
 _IMPLICIT_HEADER_RUN = _run(_stepped_tag_pattern() + _LONG_LENGTH_AND_VALUE)
 # what ``_rest_complete`` steps over: any tag (there the VR alone says how long the header is)
-_EXPLICIT_RUN = _run(b"...." + _vr_pattern(_SHORT_VR - _VR_LONG) + _SHORT_LENGTH_AND_VALUE)
+_EXPLICIT_RUN = _run(b"...." + _vr_pattern(_SHORT_VR - VR_LONG) + _SHORT_LENGTH_AND_VALUE)
 _IMPLICIT_RUN = _run(b"...." + _LONG_LENGTH_AND_VALUE)
 
 
@@ -685,7 +594,7 @@ _STANDARD_META = re.compile(
     + _meta_element(0x0016, b"AE"),
     re.DOTALL,
 )
-_LITTLE_ENDIAN_SYNTAXES = frozenset({_IMPLICIT, "1.2.840.10008.1.2.1"})
+_LITTLE_ENDIAN_SYNTAXES = frozenset({IMPLICIT, "1.2.840.10008.1.2.1"})
 
 
 def _fast_explicit_header(data: bytes, pos: int) -> tuple[dict[int, _Found], int | None]:
@@ -718,7 +627,7 @@ def _fast_explicit_header(data: bytes, pos: int) -> tuple[dict[int, _Found], int
                 if not group:
                     raise _Unsure
                 length = long_length(data, pos + 8)[0]
-                if length == _UNDEFINED:
+                if length == UNDEFINED_LENGTH:
                     if tag in wanted or vr != b"SQ":
                         raise _Unsure
                     pos = _fast_sequence(data, pos + 12, False, 0)
@@ -752,7 +661,7 @@ def _fast_implicit_header(data: bytes, pos: int) -> tuple[dict[int, _Found], int
                 if group == 0xFFFE:
                     raise _Unsure
                 return found, pos
-            if length == _UNDEFINED:
+            if length == UNDEFINED_LENGTH:
                 if tag in wanted or not group or not _is_sequence(tag, None):
                     raise _Unsure
                 pos = _fast_sequence(data, pos + 8, True, 0)
@@ -784,8 +693,8 @@ def _rest_complete(data: bytes, pos: int, implicit: bool) -> bool:
                     return True  # struct's error at the end, which costs more than this test
                 pos = after
                 (length,) = unpack_length(data, pos)
-                if length == _UNDEFINED:
-                    after = _skip_sequence(data, pos + 8, _LE_IMPLICIT, 0)
+                if length == UNDEFINED_LENGTH:
+                    after = skip_sequence(data, pos + 8, _LE_IMPLICIT, 0)
                     if after is None:
                         return False
                     pos = after
@@ -794,7 +703,7 @@ def _rest_complete(data: bytes, pos: int, implicit: bool) -> bool:
         step_over = _EXPLICIT_RUN.match
         unpack = _VR_LENGTH.unpack_from
         long_length = _U32_LE.unpack_from
-        long_vr = _VR_LONG  # the reference walk's test (a VR it does not know has a short header there)
+        long_vr = VR_LONG  # the reference walk's test (a VR it does not know has a short header there)
         while True:
             after = step_over(data, pos).end()  # type: ignore[union-attr]
             if after < pos:
@@ -805,8 +714,8 @@ def _rest_complete(data: bytes, pos: int, implicit: bool) -> bool:
             vr, length = unpack(data, pos)
             if vr in long_vr:
                 length = long_length(data, pos + 8)[0]
-                if length == _UNDEFINED:
-                    after = _skip_sequence(data, pos + 12, _LE_EXPLICIT, 0)
+                if length == UNDEFINED_LENGTH:
+                    after = skip_sequence(data, pos + 12, _LE_EXPLICIT, 0)
                     if after is None:
                         return False
                     pos = after
@@ -820,7 +729,7 @@ def _rest_complete(data: bytes, pos: int, implicit: bool) -> bool:
 
 def _fast_sequence(data: bytes, pos: int, implicit: bool, depth: int) -> int:
     """Offset after an undefined-length sequence whose first item starts at ``pos``."""
-    if depth > _MAX_NESTING:
+    if depth > MAX_NESTING:
         raise _Unsure
     while True:
         if pos + 8 > len(data):
@@ -828,11 +737,11 @@ def _fast_sequence(data: bytes, pos: int, implicit: bool, depth: int) -> int:
         group, element = _TAG_LE.unpack_from(data, pos)
         tag, length = group << 16 | element, _U32_LE.unpack_from(data, pos + 4)[0]
         pos += 8
-        if tag == _SEQUENCE_END and length == 0:
+        if tag == SEQUENCE_END and length == 0:
             return pos
-        if tag != _ITEM:
+        if tag != ITEM:
             raise _Unsure
-        if length == _UNDEFINED:
+        if length == UNDEFINED_LENGTH:
             pos = _fast_item(data, pos, None, implicit, depth + 1)
         else:
             if pos + length > len(data):
@@ -858,7 +767,7 @@ def _fast_item(data: bytes, pos: int, item_end: int | None, implicit: bool, dept
             raise _Unsure  # pydicom would read this item as implicit VR
         first = False
         tag, vr, value_pos, length = _fast_element(data, pos, implicit)
-        if length == _UNDEFINED:
+        if length == UNDEFINED_LENGTH:
             if not _is_sequence(tag, vr):
                 raise _Unsure
             pos = _fast_sequence(data, value_pos, implicit, depth)

@@ -12,11 +12,19 @@ import io
 from dataclasses import dataclass
 
 from pydicom import Dataset, dcmread
+from pydicom.dataset import FileMetaDataset
 from pydicom.filereader import read_dataset
 from pydicom.uid import DeflatedExplicitVRLittleEndian
 
 from detector.errors import PreprocessError
-from detector.pixels import DecodedDicom, DecodeLimits, decode_dataset
+from detector.pixels import (
+    DECODE_GROUPS,
+    DECODE_TAGS,
+    DecodedDicom,
+    DecodeLimits,
+    decode_dataset,
+)
+from listener.dicom_walk import data_set_start, top_level_elements
 
 __all__ = [
     "DecodeFailure",
@@ -24,8 +32,12 @@ __all__ = [
     "decode_outcome",
     "decode_spool_file",
     "failure_reason",
+    "read_for_decoding",
     "read_with_header",
 ]
+
+# Where pydicom's stop_before_pixels stops: the header the SR builder keeps ends there.
+_PIXEL_DATA_TAGS = frozenset({0x7FE00008, 0x7FE00009, 0x7FE00010})
 
 
 @dataclass(frozen=True)
@@ -57,11 +69,44 @@ def read_with_header(raw: bytes) -> tuple[Dataset, bytes | None]:
     return ds, raw[:header_end]
 
 
+def read_for_decoding(raw: bytes) -> tuple[Dataset, bytes | None]:
+    """The part of a file that ``decode_dataset`` reads (``DECODE_TAGS``, ``DECODE_GROUPS`` and
+    the File Meta), and its bytes up to the Pixel Data, as ``read_with_header`` gives them.
+
+    pydicom parsed every element of the whole file, about 270 for a CT image, most of them
+    patient, study and private ones that decoding never reads: as long as the pixel decoding
+    itself. A walk over the element headers (``listener.dicom_walk``) finds the elements
+    decoding needs, and pydicom parses only those. A file the walk cannot follow with
+    certainty, or a deflated one, is read whole by ``read_with_header``, so that its
+    errors are pydicom's as before.
+    """
+    walked = top_level_elements(raw)
+    if walked is None:
+        return read_with_header(raw)
+    _, enc, elements = walked
+    meta_end = data_set_start(raw) or 0  # not None: the walk found the data set by it
+    little = enc.tag == "<HH"
+    header_end = next((first for tag, first, _ in elements if tag in _PIXEL_DATA_TAGS), len(raw))
+    runs: list[list[int]] = []  # byte ranges of consecutive wanted elements, parsed in one go each
+    for tag, first, end in elements:
+        if tag >> 16 in DECODE_GROUPS or tag in DECODE_TAGS:
+            if runs and runs[-1][1] == first:
+                runs[-1][1] = end
+            else:
+                runs.append([first, end])
+    ds = Dataset()
+    for first, end in runs:
+        ds.update(read_dataset(io.BytesIO(raw[first:end]), enc.implicit, little))
+    ds.file_meta = FileMetaDataset(read_dataset(io.BytesIO(raw[132:meta_end]), False, True))
+    ds.set_original_encoding(enc.implicit, little)
+    return ds, raw[:header_end]
+
+
 def decode_spool_file(path: str, source: str, limits: DecodeLimits) -> SpoolDecoded:
     """Read and decode one spool file; raises ``PreprocessError``, ``OSError`` or pydicom's errors."""
     with open(path, "rb") as fh:
         raw = fh.read()
-    ds, header = read_with_header(raw)
+    ds, header = read_for_decoding(raw)
     return SpoolDecoded(decode_dataset(ds, source, limits), header)
 
 

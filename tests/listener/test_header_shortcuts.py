@@ -30,6 +30,9 @@ from pydicom.dataelem import DataElement
 from pydicom.tag import BaseTag
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
+from listener.dicom_walk import UNDEFINED_LENGTH as _UNDEFINED
+from listener.dicom_walk import VR_LONG as _VR_LONG
+from listener.dicom_walk import skip_sequence as _skip_sequence
 from listener.header import (
     _ELEMENT_BY_STATE,
     _EXPLICIT_ELEMENT,
@@ -49,9 +52,7 @@ from listener.header import (
     _STANDARD_META,
     _U32_LE,
     _UI_VALUE,
-    _UNDEFINED,
     _VR_LENGTH,
-    _VR_LONG,
     InvalidObjectError,
     _fast_elements,
     _fast_explicit_header,
@@ -64,7 +65,6 @@ from listener.header import (
     _is_uid_text,
     _plain_element,
     _rest_complete,
-    _skip_sequence,
     _stepped_tag_pattern,
     _Unsure,
     file_meta_bytes,
