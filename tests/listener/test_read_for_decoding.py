@@ -67,7 +67,7 @@ def test_the_benchmark_instances_take_the_short_read(tmp_path: Path) -> None:
         ds, _ = read_for_decoding(raw)
         # only what decoding reads was parsed: no patient or study element, no private group
         assert "PatientName" in read_with_header(raw)[0] and "PatientName" not in ds
-        assert {tag.group for tag in ds} <= {0x0008, 0x0028, 0x5200, 0x7FE0}
+        assert {elem.tag.group for elem in ds} <= {0x0008, 0x0028, 0x5200, 0x7FE0}
 
 
 def test_files_the_walk_cannot_follow_are_read_whole(tmp_path: Path) -> None:
