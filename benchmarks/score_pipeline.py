@@ -2,7 +2,8 @@
 
     python -m benchmarks.score_pipeline [--count 400] [--reps 3] [--bundle bundles/default | vit-b-16]
         [--threads 1] [--workers 1] [--decode-processes 0] [--device cpu] [--batch-size N]
-        [--reference-repo DIR] [--reference-workers 1] [--out benchmarks/out/score-pipeline.json]
+        [--reference-repo DIR] [--reference-workers 1] [--reference-decode-processes N]
+        [--out benchmarks/out/score-pipeline.json]
 
 What the worker does per batch (``listener.pipeline.Pipeline.run_once``): claim up to
 ``detector.batch_size`` received rows, read each spool file, decode and prepare it, score
@@ -69,7 +70,7 @@ def measure_pipeline(
     from sqlalchemy import text
 
     from detector.detector import Detector
-    from listener.config import parse_config
+    from listener.config import DetectorConfig, parse_config
     from listener.pipeline import Pipeline
     from storage.database import Database
     from storage.repository import ReceivedObject, Repository
@@ -81,8 +82,9 @@ def measure_pipeline(
                     "reports_dir": str(root / "reports"), "quarantine_dir": str(root / "quarantine"),
                     "min_free_bytes": 0},
         "detector": {"bundle": str(bundle), "batch_wait_ms": 0, "workers": workers, "torch_threads": threads,
-                     # only when asked for: a reference checkout may not know the setting
-                     **({"decode_processes": decode_processes} if decode_processes else {}),
+                     # a checkout older than the setting decodes in its workers
+                     **({"decode_processes": decode_processes}
+                        if "decode_processes" in DetectorConfig.model_fields else {}),
                      **({"device": device} if device != "cpu" else {}),
                      **({"batch_size": batch_size} if batch_size else {})},
     })
@@ -166,6 +168,8 @@ def _reference_pipeline(repo: Path, files_dir: Path, args: argparse.Namespace, r
     out = subprocess.run(
         [sys.executable, str(Path(__file__).resolve()), "--measure-in", str(repo), str(files_dir), str(root),
          "--bundle", str(args.bundle.resolve()), "--threads", str(args.threads), "--workers", str(args.reference_workers),
+         "--decode-processes", str(args.decode_processes if args.reference_decode_processes is None
+                                   else args.reference_decode_processes),
          "--device", args.device, *(["--batch-size", str(args.batch_size)] if args.batch_size else [])],
         capture_output=True, text=True, check=True, cwd=repo,
     )
@@ -184,8 +188,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="a bundle folder, or vit-b-16 (random weights, built here)")
     parser.add_argument("--threads", type=int, default=1, help="torch.set_num_threads")
     parser.add_argument("--workers", type=int, default=1, help="detector.workers (threads)")
-    parser.add_argument("--decode-processes", type=int, default=0,
-                        help="detector.decode_processes of the pipeline (not of the reference)")
+    parser.add_argument("--decode-processes", type=int, default=0, help="detector.decode_processes")
+    parser.add_argument("--reference-decode-processes", type=int, default=None,
+                        help="detector.decode_processes of the reference (default: --decode-processes)")
     parser.add_argument("--device", default="cpu", help="detector.device: cpu, cuda or cuda:N")
     parser.add_argument("--batch-size", type=int, default=None, help="detector.batch_size (default: the shipped one)")
     parser.add_argument("--reference-repo", type=Path, help="also run the worker of this checkout")
@@ -198,7 +203,7 @@ def main(argv: list[str] | None = None) -> int:
         repo, files_dir, root = (Path(p) for p in args.measure_in)
         sys.path.insert(0, str(repo))
         files = sorted(files_dir.rglob("*.dcm"))
-        print(json.dumps(measure_pipeline(files, args.bundle, args.threads, root, args.workers,
+        print(json.dumps(measure_pipeline(files, args.bundle, args.threads, root, args.workers, args.decode_processes,
                                           device=args.device, batch_size=args.batch_size)), flush=True)
         return 0
 
@@ -211,6 +216,7 @@ def main(argv: list[str] | None = None) -> int:
         "command": " ".join([Path(sys.executable).name, "-m", "benchmarks.score_pipeline", *(argv or sys.argv[1:])]),
         "machine_before": machine_facts(), "count": args.count, "batch_size": batch, "threads": args.threads,
         "workers": args.workers, "decode_processes": args.decode_processes, "reference_workers": args.reference_workers,
+        "reference_decode_processes": args.reference_decode_processes,
         "device": args.device,
         "bundle": str(args.bundle), "runs": [],
     }
