@@ -87,16 +87,11 @@ def read_for_decoding(raw: bytes) -> tuple[Dataset, bytes | None]:
     meta_end = data_set_start(raw) or 0  # not None: the walk found the data set by it
     little = enc.tag == "<HH"
     header_end = next((first for tag, first, _ in elements if tag in _PIXEL_DATA_TAGS), len(raw))
-    runs: list[list[int]] = []  # byte ranges of consecutive wanted elements, parsed in one go each
-    for tag, first, end in elements:
-        if tag >> 16 in DECODE_GROUPS or tag in DECODE_TAGS:
-            if runs and runs[-1][1] == first:
-                runs[-1][1] = end
-            else:
-                runs.append([first, end])
-    ds = Dataset()
-    for first, end in runs:
-        ds.update(read_dataset(io.BytesIO(raw[first:end]), enc.implicit, little))
+    # Each element's bytes stand alone (tag, VR, length, value), so the wanted ones, joined in
+    # their order, are a data set of their own: one parse.
+    wanted = b"".join(raw[first:end] for tag, first, end in elements
+                      if tag >> 16 in DECODE_GROUPS or tag in DECODE_TAGS)
+    ds = read_dataset(io.BytesIO(wanted), enc.implicit, little)
     ds.file_meta = FileMetaDataset(read_dataset(io.BytesIO(raw[132:meta_end]), False, True))
     ds.set_original_encoding(enc.implicit, little)
     return ds, raw[:header_end]
