@@ -213,7 +213,9 @@ def test_voi_lut_sequence():
     np.testing.assert_allclose(crop_of(p)[:, :, 0], 1 - arr / 255.0, atol=1e-6)
 
 
-def test_enhanced_functional_groups():
+def enhanced_ds() -> Dataset:
+    """Two 8x8 frames (100 and 200) whose rescale (x2 - 100) and window (200/201) come from
+    the shared functional groups of an enhanced multi-frame object."""
     arr = np.stack([np.full((8, 8), 100, np.uint16), np.full((8, 8), 200, np.uint16)])
     ds = make_ds(arr)
     pvt, voi, shared = Dataset(), Dataset(), Dataset()
@@ -222,7 +224,11 @@ def test_enhanced_functional_groups():
     shared.PixelValueTransformationSequence = Sequence([pvt])
     shared.FrameVOILUTSequence = Sequence([voi])
     ds.SharedFunctionalGroupsSequence = Sequence([shared])
-    p = prepare_dataset(ds, PreprocessConfig(noise_crop=8), "enhanced")
+    return ds
+
+
+def test_enhanced_functional_groups():
+    p = prepare_dataset(enhanced_ds(), PreprocessConfig(noise_crop=8), "enhanced")
     # frame 0: 100 * 2 - 100 = 100, frame 1: 300; window 200/201
     assert p.frame_indices == (0, 1)
     assert float(p.noise[0].max()) == pytest.approx((100 - 199.5) / 200 + 0.5)

@@ -22,7 +22,7 @@ from detector.errors import PreprocessError
 from detector.pixels import DecodeLimits, decode_dataset
 from detector.preprocess import PreprocessConfig
 from listener.spool_decode import read_for_decoding, read_with_header
-from tests.detector.test_preprocess import make_ds
+from tests.detector.test_preprocess import enhanced_ds, make_ds
 from tests.listener.test_read_with_header import dicom_test_files
 
 _LIMITS: DecodeLimits = PreprocessConfig().decode_limits()
@@ -85,13 +85,7 @@ def _file_bytes(ds: Dataset) -> bytes:
 
 def _enhanced() -> Dataset:
     """Two frames whose rescale and window come from the shared functional groups (5200)."""
-    ds = make_ds(np.stack([np.full((8, 8), 100, np.uint16), np.full((8, 8), 200, np.uint16)]))
-    pvt, voi, shared = Dataset(), Dataset(), Dataset()
-    pvt.RescaleSlope, pvt.RescaleIntercept, pvt.RescaleType = 2, -100, "US"
-    voi.WindowCenter, voi.WindowWidth = 200, 201
-    shared.PixelValueTransformationSequence = Sequence([pvt])
-    shared.FrameVOILUTSequence = Sequence([voi])
-    ds.SharedFunctionalGroupsSequence = Sequence([shared])
+    ds = enhanced_ds()
     ds.PatientName, ds.StudyDescription = "Doe^Jane", "not read by decoding"
     return ds
 
