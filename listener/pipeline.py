@@ -69,9 +69,8 @@ def _decode_in_thread(jobs: Sequence[DecodeJob], limits: Any) -> list[SpoolDecod
 
 def _prepare_decoded(decoded: Any, cfg: Any) -> Any:
     """The model's views of decoded frames (``detector.preprocess.prepare_decoded``)."""
-    from detector.preprocess import (
-        prepare_decoded,  # torch: imported by the workers only
-    )
+    # imported here: it brings torch, which only the workers need
+    from detector.preprocess import prepare_decoded
 
     return prepare_decoded(decoded, cfg)
 

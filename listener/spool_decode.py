@@ -73,9 +73,9 @@ def read_for_decoding(raw: bytes) -> tuple[Dataset, bytes | None]:
     """The part of a file that ``decode_dataset`` reads (``DECODE_TAGS``, ``DECODE_GROUPS`` and
     the File Meta), and its bytes up to the Pixel Data, as ``read_with_header`` gives them.
 
-    pydicom parsed every element of the whole file, about 270 for a CT image, most of them
-    patient, study and private ones that decoding never reads: as long as the pixel decoding
-    itself. A walk over the element headers (``listener.dicom_walk``) finds the elements
+    pydicom's parse of every element of the file (about 260 for a CT image, most of them
+    patient, study and private ones that decoding never reads) cost as much as the pixel
+    decoding itself. A walk over the element headers (``listener.dicom_walk``) finds the elements
     decoding needs, and pydicom parses only those. A file the walk cannot follow with
     certainty, or a deflated one, is read whole by ``read_with_header``, so that its
     errors are pydicom's as before.
