@@ -20,7 +20,7 @@ if backbone != "dski-tiny":
     ckpt = Path(out + "-ckpt.pt")
     torch.save(clip.state_dict(), ckpt)
     args += ["--checkpoint", str(ckpt)]
-from listener.cli import app  # noqa: E402
+from listener.cli import app
 
 t0 = time.perf_counter()
 try:
