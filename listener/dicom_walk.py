@@ -126,9 +126,10 @@ def encoding_for(transfer_syntax: str) -> Encoding:
     )
 
 
-def top_level_elements(data: bytes) -> tuple[str, Encoding, list[tuple[int, int, int]]] | None:
-    """(transfer syntax, encoding, [(tag, start, end)]) of a file's top-level data set elements,
-    ``start`` at the element's header and ``end`` just after its value, from one pass.
+def top_level_elements(data: bytes) -> tuple[int, Encoding, list[tuple[int, int, int]]] | None:
+    """(offset of the data set after the File Meta group, encoding, [(tag, start, end)]) of a
+    file's top-level data set elements, ``start`` at the element's header and ``end`` just
+    after its value, from one pass.
 
     None when the file has no File Meta group with its standard group length or no Transfer
     Syntax UID, is deflated, or holds an element or sequence that cannot be followed with
@@ -156,4 +157,4 @@ def top_level_elements(data: bytes) -> tuple[str, Encoding, list[tuple[int, int,
                 return None
         elements.append((tag, pos, after))
         pos = after
-    return transfer_syntax, enc, elements
+    return start, enc, elements

@@ -24,7 +24,7 @@ from detector.pixels import (
     DecodeLimits,
     decode_dataset,
 )
-from listener.dicom_walk import data_set_start, top_level_elements
+from listener.dicom_walk import top_level_elements
 
 __all__ = [
     "DecodeFailure",
@@ -83,8 +83,7 @@ def read_for_decoding(raw: bytes) -> tuple[Dataset, bytes | None]:
     walked = top_level_elements(raw)
     if walked is None:
         return read_with_header(raw)
-    _, enc, elements = walked
-    meta_end = data_set_start(raw) or 0  # not None: the walk found the data set by it
+    meta_end, enc, elements = walked
     little = enc.tag == "<HH"
     header_end = next((first for tag, first, _ in elements if tag in _PIXEL_DATA_TAGS), len(raw))
     # Each element's bytes stand alone (tag, VR, length, value), so the wanted ones, joined in
